@@ -1,0 +1,130 @@
+"""Monte-Carlo estimators from samples ``x ~ q``: pure functions, all in log space.
+
+Each divergence estimator takes per-sample log-probabilities (batch,) and returns a 0-d
+tensor; the ``*_terms`` variants return the per-sample terms, whose standard error is
+``std / sqrt(n)``. ``log_z`` is the running estimate (or the exact value in exact mode).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from typing import Sequence
+
+import torch
+
+
+def log_mean_exp(x: torch.Tensor) -> torch.Tensor:
+    """``log mean exp(x)`` without overflow: ``logsumexp(x) − log n``."""
+    return torch.logsumexp(x, 0) - math.log(x.numel())
+
+
+def log_z(log_target: torch.Tensor, log_proposal: torch.Tensor) -> torch.Tensor:
+    """``log Ẑ = log mean_q[P/q]`` on one batch."""
+    return log_mean_exp(log_target - log_proposal)
+
+
+def _xlogy_terms(log_weight: torch.Tensor, log_ratio: torch.Tensor) -> torch.Tensor:
+    """``w · log_ratio`` with 0 where w = 0 (a failed pointwise constraint makes log_ratio −inf)."""
+    return torch.where(torch.isneginf(log_weight), 0.0, log_weight.exp() * log_ratio)
+
+
+def kl_target_model_terms(
+    log_target: torch.Tensor, log_proposal: torch.Tensor, log_model: torch.Tensor, log_z: torch.Tensor
+) -> torch.Tensor:
+    """Per-sample terms of ``KL(p‖m) ≈ mean_q[(P/(Ẑq)) (log P − log Ẑ − log m)]``."""
+    log_p = log_target - log_z
+    return _xlogy_terms(log_p - log_proposal, log_p - log_model)
+
+
+def kl_target_model(
+    log_target: torch.Tensor, log_proposal: torch.Tensor, log_model: torch.Tensor, log_z: torch.Tensor
+) -> torch.Tensor:
+    """``KL(p‖m)`` for any model m (the policy π, or the proposal q) on samples of q."""
+    return kl_target_model_terms(log_target, log_proposal, log_model, log_z).mean()
+
+
+def tv_target_model_terms(
+    log_target: torch.Tensor, log_proposal: torch.Tensor, log_model: torch.Tensor, log_z: torch.Tensor
+) -> torch.Tensor:
+    """Per-sample terms of ``TV(p, m) ≈ ½ mean_q |m/q − P/(Ẑq)|``."""
+    return 0.5 * ((log_model - log_proposal).exp() - (log_target - log_z - log_proposal).exp()).abs()
+
+
+def tv_target_model(
+    log_target: torch.Tensor, log_proposal: torch.Tensor, log_model: torch.Tensor, log_z: torch.Tensor
+) -> torch.Tensor:
+    """Total variation distance ``TV(p, m)`` on samples of q."""
+    return tv_target_model_terms(log_target, log_proposal, log_model, log_z).mean()
+
+
+def kl_model_prior_terms(log_model: torch.Tensor, log_prior: torch.Tensor, log_proposal: torch.Tensor) -> torch.Tensor:
+    """Per-sample terms of ``KL(m‖a) ≈ mean_q[(m/q)(log m − log a)]`` (= mean_m[...] when q = m)."""
+    return (log_model - log_proposal).exp() * (log_model - log_prior)
+
+
+def kl_model_prior(log_model: torch.Tensor, log_prior: torch.Tensor, log_proposal: torch.Tensor) -> torch.Tensor:
+    """``KL(m‖a)``, importance-weighted when the samples come from q ≠ m."""
+    return kl_model_prior_terms(log_model, log_prior, log_proposal).mean()
+
+
+def moments(values: torch.Tensor, log_model: torch.Tensor, log_proposal: torch.Tensor) -> torch.Tensor:
+    """``E_m[φ] ≈ mean_q[(m/q) φ]`` for (batch,) or (batch, k) values."""
+    rho = (log_model - log_proposal).exp()
+    return (rho.view(-1, *([1] * (values.dim() - 1))) * values).mean(0)
+
+
+def entropy(log_model: torch.Tensor, log_proposal: torch.Tensor) -> torch.Tensor:
+    """Sequence-level entropy ``H(m) ≈ mean_q[(m/q)(−log m)]`` in nats."""
+    return ((log_model - log_proposal).exp() * -log_model).mean()
+
+
+def effective_sample_size(log_weights: torch.Tensor) -> torch.Tensor:
+    """``(Σw)² / Σw²`` from log-weights; between 1 and n."""
+    return torch.exp(2 * torch.logsumexp(log_weights, 0) - torch.logsumexp(2 * log_weights, 0))
+
+
+def standard_error(terms: torch.Tensor) -> torch.Tensor:
+    """Standard error of the mean of per-sample terms."""
+    return terms.std() / math.sqrt(terms.numel())
+
+
+def _ngrams(tokens: Sequence[str], n: int) -> list[tuple[str, ...]]:
+    return [tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1)]
+
+
+def distinct_n(texts: Sequence[str], n: int) -> float:
+    """Distinct-n (Li et al. 2016): unique n-grams / all n-grams over the batch (whitespace words)."""
+    grams = [g for text in texts for g in _ngrams(text.split(), n)]
+    return len(set(grams)) / len(grams) if grams else 0.0
+
+
+def bleu(hypothesis: Sequence[str], references: Sequence[Sequence[str]], max_n: int = 4) -> float:
+    """Sentence BLEU with add-one smoothing of the n-gram precisions (Lin & Och 2004)."""
+    if not hypothesis:
+        return 0.0
+    log_precision = 0.0
+    for n in range(1, max_n + 1):
+        hyp = Counter(_ngrams(hypothesis, n))
+        max_ref: Counter = Counter()
+        for ref in references:
+            for gram, count in Counter(_ngrams(ref, n)).items():
+                max_ref[gram] = max(max_ref[gram], count)
+        clipped = sum(min(count, max_ref[gram]) for gram, count in hyp.items())
+        log_precision += math.log((clipped + 1) / (sum(hyp.values()) + 1)) / max_n
+    closest = min((abs(len(r) - len(hypothesis)), len(r)) for r in references)[1] if references else 0
+    brevity = min(0.0, 1 - closest / len(hypothesis))
+    return math.exp(log_precision + brevity)
+
+
+def self_bleu(texts: Sequence[str], max_n: int = 4, max_hypotheses: int = 64) -> float:
+    """Self-BLEU (Zhu et al. 2018): mean BLEU of each text against the others; high = repetitive.
+
+    Only the first ``max_hypotheses`` texts are scored (each against all others) to bound the
+    quadratic cost.
+    """
+    words = [text.split() for text in texts]
+    if len(words) < 2:
+        return 0.0
+    scores = [bleu(words[i], words[:i] + words[i + 1 :], max_n) for i in range(min(len(words), max_hypotheses))]
+    return sum(scores) / len(scores)

@@ -1,0 +1,235 @@
+"""Exact mode: enumerate every sequence of a small space and compute the truth.
+
+With a vocabulary of V tokens (EOS included) and ``max_new_tokens = T`` the space holds every
+string of non-EOS tokens of length < T followed by EOS, plus every length-T string without
+EOS (a truncated outcome): ``Σ_{l<T} (V−1)^l + (V−1)^T`` sequences, whose probabilities sum
+to 1 under any autoregressive model. On it ``Z``, ``p``, ``KL(p‖π)``, ``KL(π‖a)``, ``E_π[φ]``,
+the entropy and exact gradients (autograd through the sums) are computed exactly; tests and
+the exact benchmark compare estimators and objectives to these values.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedModel, PreTrainedTokenizerFast
+
+from dmtune.models import encode_prompts, filler_token_id, sequence_log_probs
+from dmtune.objectives import Batch
+from dmtune.sampling import Samples, decode_texts
+from dmtune.target import Target
+
+MAX_ENUMERATED_SEQUENCES = 500_000
+TOY_WORDS = ("a", "b", "c", "d")
+EOS_TOKEN = "<|endoftext|>"
+_SCORING_CHUNK = 8192
+
+
+def space_size(vocab_size: int, max_new_tokens: int) -> int:
+    """Number of distinct outcomes of ``max_new_tokens`` steps over ``vocab_size`` tokens."""
+    other = vocab_size - 1
+    return sum(other**length for length in range(max_new_tokens)) + other**max_new_tokens
+
+
+def enumerate_sequences(
+    vocab_size: int, eos_id: int, max_new_tokens: int, filler_id: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every outcome as (tokens, mask), both (n_sequences, max_new_tokens), right-padded."""
+    size = space_size(vocab_size, max_new_tokens)
+    if size > MAX_ENUMERATED_SEQUENCES:
+        raise ValueError(
+            f"exact mode would enumerate {size:,} sequences (vocab {vocab_size}, max_new_tokens "
+            f"{max_new_tokens}); the limit is {MAX_ENUMERATED_SEQUENCES:,}: use a smaller toy space"
+        )
+    others = [t for t in range(vocab_size) if t != eos_id]
+    rows: list[list[int]] = []
+    lengths: list[int] = []
+    for length in range(max_new_tokens + 1):
+        for prefix in itertools.product(others, repeat=length):
+            ended = length < max_new_tokens
+            row = list(prefix) + ([eos_id] if ended else [])
+            lengths.append(len(row))
+            rows.append(row + [filler_id] * (max_new_tokens - len(row)))
+    tokens = torch.tensor(rows, dtype=torch.long)
+    mask = (torch.arange(max_new_tokens)[None, :] < torch.tensor(lengths)[:, None]).long()
+    return tokens, mask
+
+
+class ExactSpace:
+    """The enumerated continuations of one prompt, ready to score with any model or feature."""
+
+    def __init__(
+        self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, max_new_tokens: int, prompt: str = ""
+    ) -> None:
+        vocab_size = model.config.vocab_size
+        filler = filler_token_id(tokenizer, vocab_size)
+        device = next(model.parameters()).device
+        tokens, mask = enumerate_sequences(vocab_size, tokenizer.eos_token_id, max_new_tokens, filler)
+        prompt_ids, prompt_mask = encode_prompts(tokenizer, [prompt], filler, device)
+        n = tokens.shape[0]
+        self.samples = Samples(
+            prompt_ids=prompt_ids.expand(n, -1),
+            prompt_mask=prompt_mask.expand(n, -1),
+            tokens=tokens.to(device),
+            mask=mask.to(device),
+            log_q=torch.zeros(n, device=device),
+            texts=decode_texts(tokenizer, tokens, mask),
+        )
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def log_probs(self, model: PreTrainedModel) -> torch.Tensor:
+        """``log model(x)`` for every sequence: (n,), differentiable when grad is enabled."""
+        s = self.samples
+        chunks = [
+            sequence_log_probs(
+                model, s.prompt_ids[i:j], s.prompt_mask[i:j], s.tokens[i:j], s.mask[i:j]
+            )
+            for i, j in _chunks(len(s), _SCORING_CHUNK)
+        ]
+        return torch.cat(chunks)
+
+
+def _chunks(n: int, size: int) -> list[tuple[int, int]]:
+    return [(i, min(i + size, n)) for i in range(0, n, size)]
+
+
+@dataclass
+class ExactTruth:
+    """The normalised target on the enumerated space: ``log p`` (n,) and ``log Z``."""
+
+    log_p: torch.Tensor
+    log_z: torch.Tensor
+
+    @classmethod
+    def from_log_target(cls, log_target: torch.Tensor) -> ExactTruth:
+        log_z = torch.logsumexp(log_target.double(), 0)
+        return cls((log_target.double() - log_z), log_z)
+
+
+def kl(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
+    """Exact ``KL(p‖q) = Σ p (log p − log q)``, with ``0 log 0 = 0``; differentiable in both."""
+    p = log_p.exp()
+    return torch.where(p > 0, p * (log_p - log_q), 0.0).sum()
+
+
+def exact_metrics(
+    log_policy: torch.Tensor,
+    log_prior: torch.Tensor,
+    truth: ExactTruth,
+    features: torch.Tensor,
+    feature_names: list[str],
+    log_proposal: torch.Tensor | None = None,
+) -> dict[str, float]:
+    """The exact counterparts of the training metrics, named ``exact/...``.
+
+    log_policy, log_prior, log_proposal: (n,) over the space; features: (n, k).
+    """
+    log_pi = log_policy.detach().double()
+    pi = log_pi.exp()
+    metrics = {
+        "exact/log_z": truth.log_z.item(),
+        "exact/kl_target_policy": kl(truth.log_p, log_pi).item(),
+        "exact/kl_policy_prior": kl(log_pi, log_prior.double()).item(),
+        "exact/tv_target_policy": 0.5 * (pi - truth.log_p.exp()).abs().sum().item(),
+        "exact/entropy": -(pi * log_pi).sum().item(),
+    }
+    if log_proposal is not None:
+        metrics["exact/kl_target_proposal"] = kl(truth.log_p, log_proposal.double()).item()
+    for j, name in enumerate(feature_names):
+        metrics[f"exact/constraint/{name}"] = (pi * features[:, j].double()).sum().item()
+    return metrics
+
+
+def target_truth(space: ExactSpace, target: Target, log_prior: torch.Tensor) -> ExactTruth:
+    """Exact normalised target on the space (λ must be fitted already for distributional targets)."""
+    return ExactTruth.from_log_target(target.log_prob(log_prior, target.score(space.samples)))
+
+
+def make_toy_tokenizer(words: tuple[str, ...] = TOY_WORDS) -> PreTrainedTokenizerFast:
+    """A word-level tokenizer: id 0 is EOS (also BOS), then one id per word. No pad entry, so
+    every id is a token the model can emit; padding uses a masked filler id."""
+    vocab = {EOS_TOKEN: 0, **{w: i + 1 for i, w in enumerate(words)}}
+    if len(vocab) != len(words) + 1:
+        raise ValueError(f"toy words must be distinct and differ from {EOS_TOKEN!r}: {words}")
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token=None))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    backend.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+    return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token=EOS_TOKEN, bos_token=EOS_TOKEN)
+
+
+def make_toy_prior(
+    words: tuple[str, ...] = TOY_WORDS,
+    *,
+    seed: int = 0,
+    n_layer: int = 2,
+    n_embd: int = 16,
+    n_head: int = 2,
+    init_std: float = 0.4,
+    max_positions: int = 16,
+) -> tuple[GPT2LMHeadModel, PreTrainedTokenizerFast]:
+    """A real ``GPT2LMHeadModel`` over a handful of tokens, seeded, for exact mode.
+
+    A large initialiser (``init_std``) makes the seeded model far from uniform, so that targets,
+    features and learning curves are not degenerate; no training is needed.
+    """
+    tokenizer = make_toy_tokenizer(words)
+    config = GPT2Config(
+        vocab_size=len(words) + 1,
+        n_positions=max_positions,
+        n_embd=n_embd,
+        n_layer=n_layer,
+        n_head=n_head,
+        initializer_range=init_std,
+        bos_token_id=0,
+        eos_token_id=0,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = GPT2LMHeadModel(config)
+    return model.eval(), tokenizer
+
+
+def policy_scores(log_policy: torch.Tensor, params: list[torch.Tensor]) -> torch.Tensor:
+    """``∇θ log π(x)`` for every sequence, flattened: (n, n_params)."""
+    n = log_policy.numel()
+    grads = torch.autograd.grad(
+        log_policy, params, grad_outputs=torch.eye(n, dtype=log_policy.dtype), is_grads_batched=True, retain_graph=True
+    )
+    return torch.cat([g.reshape(n, -1) for g in grads], 1)
+
+
+def objective_advantages(loss_fn: Callable[..., tuple[torch.Tensor, dict]], batch: Batch, **kwargs: Any) -> torch.Tensor:
+    """The advantage ``A(x)`` an objective applies to each sample, read off its own loss.
+
+    The loss is ``−mean[A · log π]``, so ``A = −n · ∂loss/∂log π``; taking it from the loss
+    means the tests check the code that trains, not a restatement of it.
+    """
+    leaf = batch.log_policy.detach().clone().requires_grad_(True)
+    loss, _ = loss_fn(dataclasses.replace(batch, log_policy=leaf), **kwargs)
+    (grad,) = torch.autograd.grad(loss, leaf)
+    return -grad * leaf.numel()
+
+
+def estimator_moments(
+    advantages: torch.Tensor, scores: torch.Tensor, log_proposal: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact mean and variance (trace of the covariance) of the one-sample estimator.
+
+    The estimator of the loss gradient is ``g(x) = −A(x) ∇log π(x)`` with ``x ~ q``;
+    advantages: (n,), scores: (n, n_params), log_proposal: (n,) over the whole space.
+    """
+    q = log_proposal.double().exp()
+    per_sample = -advantages.double()[:, None] * scores.double()  # (n, n_params)
+    mean = q @ per_sample
+    variance = q @ (per_sample**2).sum(1) - (mean**2).sum()
+    return mean, variance

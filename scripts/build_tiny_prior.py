@@ -1,0 +1,441 @@
+#!/usr/bin/env python3
+"""Build dmtune's embedded default prior: a tiny GPT-2 trained from scratch.
+
+The corpus is English text shipped by Debian packages (``fortunes``,
+``fortunes-min`` and ``wordnet-base``), so the asset can be rebuilt offline:
+
+    apt-get install -y fortunes fortunes-min wordnet-base
+    python scripts/build_tiny_prior.py --out dmtune/assets/tiny --minutes 25
+
+Every document is formatted as ``<|endoftext|> text <|endoftext|>``, so the
+model starts from the BOS/EOS token and learns to end its texts with EOS.
+The output folder loads with ``GPT2LMHeadModel.from_pretrained`` and
+``AutoTokenizer.from_pretrained`` and contains a model card (README.md).
+"""
+
+import argparse
+import math
+import os
+import platform
+import random
+import re
+import subprocess
+import time
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import GPT2Config, GPT2LMHeadModel, GenerationConfig, PreTrainedTokenizerFast
+
+FORTUNE_DIR = Path("/usr/share/games/fortunes")
+WORDNET_DIR = Path("/usr/share/wordnet")
+WORDNET_FILES = ("data.noun", "data.verb", "data.adj", "data.adv")
+DEBIAN_PACKAGES = ("fortunes", "fortunes-min", "wordnet-base")
+SKIP_FORTUNE_FILES = {"ascii-art"}  # pictures, not text
+SKIP_FORTUNE_DIRS = {"off"}  # offensive fortunes, if fortunes-off is installed
+EOS_TOKEN = "<|endoftext|>"
+PAD_TOKEN = "<|pad|>"
+MIN_CHARS = 12  # shorter pieces are mostly headings or fragments
+MAX_PIECE_CHARS = 160  # about 40 BPE tokens: longer fortunes are split
+MAX_SENTENCE_CHARS = 400  # single sentences longer than this are dropped
+MIN_LETTER_FRACTION = 0.7  # of non-space characters; filters ASCII art, tables
+MAX_NON_ASCII_FRACTION = 0.02
+VALID_FRACTION = 0.02
+WARMUP_FRACTION = 0.03  # of the wall-clock budget
+MIN_LR_FRACTION = 0.1  # cosine decays to this fraction of the peak rate
+LOG_EVERY_SECONDS = 30.0
+N_CARD_SAMPLES = 5
+SAMPLE_NEW_TOKENS = 32
+SENTENCE_END = re.compile(r"(?<=[.!?])[\"')]*\s+(?=[\"'(]?[A-Z0-9])")
+ATTRIBUTION = re.compile(r"^\s*(--|―|- [A-Z])")
+
+
+def clean(text):
+    """Collapse all whitespace runs to single spaces and strip the ends."""
+    return " ".join(text.split())
+
+
+def is_clean(text):
+    """True if ``text`` looks like ordinary English prose of a useful length."""
+    if len(text) < MIN_CHARS:
+        return False
+    if sum(not c.isascii() for c in text) > MAX_NON_ASCII_FRACTION * len(text):
+        return False
+    visible = [c for c in text if not c.isspace()]
+    return sum(c.isalpha() for c in visible) >= MIN_LETTER_FRACTION * len(visible)
+
+
+def split_long(text):
+    """Split ``text`` into sentence-ish pieces of at most MAX_PIECE_CHARS.
+
+    Consecutive sentences are merged greedily while they fit; sentences longer
+    than MAX_SENTENCE_CHARS are dropped rather than cut mid-sentence.
+    """
+    if len(text) <= MAX_PIECE_CHARS:
+        return [text]
+    pieces, current = [], ""
+    for sentence in SENTENCE_END.split(text):
+        if len(sentence) > MAX_SENTENCE_CHARS:
+            sentence = ""
+        if current and len(current) + 1 + len(sentence) > MAX_PIECE_CHARS:
+            pieces.append(current)
+            current = sentence
+        else:
+            current = f"{current} {sentence}".strip()
+    return pieces + [current] if current else pieces
+
+
+def fortune_files():
+    """Fortune text files (no .dat/.u8 indexes, no offensive or art files)."""
+    for path in sorted(FORTUNE_DIR.rglob("*")):
+        parts = set(path.relative_to(FORTUNE_DIR).parts[:-1])
+        if (path.is_file() and not path.is_symlink() and path.suffix not in (".dat", ".u8")
+                and path.name not in SKIP_FORTUNE_FILES and not parts & SKIP_FORTUNE_DIRS):
+            yield path
+
+
+def gather_fortunes():
+    """Texts from the ``%``-separated fortune files, attributions removed."""
+    texts = []
+    for path in fortune_files():
+        raw = path.read_text(encoding="utf-8", errors="replace")
+        for entry in re.split(r"^%\s*$", raw, flags=re.MULTILINE):
+            lines = [line for line in entry.splitlines() if not ATTRIBUTION.match(line)]
+            body = "\n".join(lines)
+            if is_clean(clean(body)):
+                texts.extend(split_long(clean(body)))
+    return texts
+
+
+def gather_wordnet():
+    """WordNet glosses: each definition and each quoted example is one text."""
+    texts = []
+    for name in WORDNET_FILES:
+        for line in (WORDNET_DIR / name).read_text(encoding="utf-8").splitlines():
+            if line.startswith("  ") or " | " not in line:
+                continue  # licence header
+            definition = []
+            for part in line.split(" | ", 1)[1].split("; "):
+                part = part.strip()
+                if part.startswith('"'):
+                    texts.append(part.strip('"'))
+                else:
+                    definition.append(part)
+            texts.append("; ".join(definition))
+    return texts
+
+
+def build_corpus(seed):
+    """Clean, deduplicate, shuffle and split the texts into (train, valid)."""
+    seen, docs = set(), []
+    for text in gather_fortunes() + gather_wordnet():
+        text = clean(text)
+        key = text.lower()
+        if is_clean(text) and key not in seen:
+            seen.add(key)
+            docs.append(text)
+    random.Random(seed).shuffle(docs)
+    n_valid = max(1, int(VALID_FRACTION * len(docs)))
+    return docs[n_valid:], docs[:n_valid]
+
+
+def train_tokenizer(docs, vocab_size, max_length):
+    """Train a GPT-2 style byte-level BPE tokenizer with EOS (=BOS) and PAD."""
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=[EOS_TOKEN, PAD_TOKEN],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tokenizer.train_from_iterator(docs, trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, bos_token=EOS_TOKEN, eos_token=EOS_TOKEN,
+        pad_token=PAD_TOKEN, model_max_length=max_length)
+
+
+def encode(docs, tokenizer, max_length):
+    """Token ids ``[EOS] + text + [EOS]`` per document, at most ``max_length``."""
+    eos = tokenizer.eos_token_id
+    ids = tokenizer(docs, add_special_tokens=False, truncation=True,
+                    max_length=max_length - 2)["input_ids"]
+    return [[eos] + x + [eos] for x in ids]
+
+
+def make_batches(seqs, batch_tokens, pad_id, rng):
+    """Length-bucketed, right-padded batches of at most ``batch_tokens`` tokens."""
+    order = list(range(len(seqs)))
+    rng.shuffle(order)
+    order.sort(key=lambda i: len(seqs[i]))
+    groups, group = [], []
+    for i in order:
+        if group and len(seqs[i]) * (len(group) + 1) > batch_tokens:
+            groups.append(group)
+            group = []
+        group.append(i)
+    groups.append(group)
+    rng.shuffle(groups)
+    for group in groups:
+        width = max(len(seqs[i]) for i in group)
+        ids = torch.full((len(group), width), pad_id, dtype=torch.long)
+        for row, i in enumerate(group):
+            ids[row, :len(seqs[i])] = torch.tensor(seqs[i])
+        mask = ids.ne(pad_id)
+        yield ids, mask.long(), ids.masked_fill(~mask, -100)
+
+
+def lr_factor(progress):
+    """Linear warmup then cosine decay, as a function of budget fraction used."""
+    if progress < WARMUP_FRACTION:
+        return progress / WARMUP_FRACTION
+    decay = min(1.0, (progress - WARMUP_FRACTION) / (1.0 - WARMUP_FRACTION))
+    return MIN_LR_FRACTION + (1 - MIN_LR_FRACTION) * 0.5 * (1 + math.cos(math.pi * decay))
+
+
+def train(model, seqs, args, pad_id):
+    """Train with AdamW until the wall-clock budget is spent; returns stats."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95),
+                                  weight_decay=args.weight_decay)
+    rng = random.Random(args.seed)
+    budget = args.minutes * 60.0
+    start = last_log = time.time()
+    step = epoch = tokens = 0
+    recent = []
+    model.train()
+    while time.time() - start < budget:
+        epoch += 1
+        for ids, mask, labels in make_batches(seqs, args.batch_tokens, pad_id, rng):
+            progress = (time.time() - start) / budget
+            if progress >= 1.0:
+                break
+            for group in optimizer.param_groups:
+                group["lr"] = args.lr * lr_factor(progress)
+            loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
+            optimizer.step()
+            step += 1
+            tokens += int(mask.sum())
+            recent = (recent + [loss.item()])[-100:]
+            if time.time() - last_log >= LOG_EVERY_SECONDS:
+                last_log = time.time()
+                elapsed = last_log - start
+                print(f"step {step:6d}  epoch {epoch:3d}  loss {sum(recent) / len(recent):.3f}  "
+                      f"lr {optimizer.param_groups[0]['lr']:.2e}  tok/s {tokens / elapsed:7.0f}  "
+                      f"{elapsed / 60:5.1f} min", flush=True)
+    seconds = time.time() - start
+    return {"steps": step, "epochs": epoch - 1 + (step > 0), "tokens": tokens,
+            "seconds": seconds, "train_loss": sum(recent) / max(1, len(recent))}
+
+
+@torch.no_grad()
+def evaluate(model, seqs, docs, args, pad_id):
+    """Held-out perplexity per BPE token (EOS included), bits/char, word ppl."""
+    model.eval()
+    nll = 0.0
+    n_tokens = 0
+    for ids, mask, labels in make_batches(seqs, args.batch_tokens, pad_id, random.Random(0)):
+        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
+        target = labels[:, 1:]
+        nll += torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.size(-1)), target.reshape(-1),
+            ignore_index=-100, reduction="sum").item()
+        n_tokens += int(target.ne(-100).sum())
+    n_chars = sum(len(d) + 1 for d in docs)  # +1: EOS counts as a character
+    n_words = sum(len(d.split()) + 1 for d in docs)  # +1: EOS counts as a word
+    return {"ppl_token": math.exp(nll / n_tokens), "bits_per_char": nll / n_chars / math.log(2),
+            "ppl_word": math.exp(nll / n_words), "tokens": n_tokens}
+
+
+@torch.no_grad()
+def sample(model, tokenizer, n, seed):
+    """Ancestral samples (temperature 1) from the BOS token."""
+    torch.manual_seed(seed)
+    model.eval()
+    start = torch.full((n, 1), tokenizer.bos_token_id, dtype=torch.long)
+    out = model.generate(start, attention_mask=torch.ones_like(start), do_sample=True,
+                         top_k=0, top_p=1.0, temperature=1.0,
+                         max_new_tokens=SAMPLE_NEW_TOKENS)
+    return [tokenizer.decode(row[1:], skip_special_tokens=True) for row in out]
+
+
+def package_versions():
+    """Installed versions of the Debian packages the corpus comes from."""
+    out = subprocess.run(["dpkg-query", "-W", *DEBIAN_PACKAGES], capture_output=True,
+                         text=True, check=False).stdout
+    return dict(line.split("\t", 1) for line in out.splitlines() if "\t" in line)
+
+
+def write_model_card(out, info):
+    """Write ``out/README.md`` describing recipe, data, model and results."""
+    versions = "\n".join(f"- `{name}` {version}" for name, version in info["versions"].items())
+    samples = "\n".join(f"{i + 1}. `{s!r}`" for i, s in enumerate(info["samples"]))
+    t, e, c = info["train"], info["eval"], info["config"]
+    card = f"""# dmtune tiny prior
+
+A tiny GPT-2 (`GPT2LMHeadModel`) trained from scratch on English text from Debian
+packages. It is dmtune's embedded default prior: small enough to ship inside the
+package and to sample 256 x 32 tokens in seconds on a CPU, so the tool works
+offline. It is a toy language model, not a useful generator of facts.
+
+## Recipe
+
+```
+{info["command"]}
+```
+
+Seed {info["seed"]}; AdamW (lr {info["lr"]}, betas 0.9/0.95, weight decay
+{info["weight_decay"]}, grad clip {info["clip"]}), linear warmup over
+{WARMUP_FRACTION:.0%} of the wall-clock budget then cosine decay to
+{MIN_LR_FRACTION:.0%} of the peak, length-bucketed batches of at most
+{info["batch_tokens"]} tokens. The schedule follows wall-clock time, so the number
+of steps (and the exact weights) depend on the machine's speed.
+
+## Data
+
+- Fortunes: `%`-separated entries under `{FORTUNE_DIR}` (except `ascii-art`),
+  attribution lines (`-- Author`) removed, long entries split into pieces of
+  at most {MAX_PIECE_CHARS} characters at sentence ends.
+- WordNet glosses (`{WORDNET_DIR}/data.{{noun,verb,adj,adv}}`): each definition
+  and each quoted example sentence is a document.
+
+Debian package versions:
+
+{versions}
+
+Whitespace collapsed, entries with more than {MAX_NON_ASCII_FRACTION:.0%} non-ASCII
+characters or fewer than {MIN_LETTER_FRACTION:.0%} letters dropped, exact (case-insensitive)
+duplicates removed, shuffled, {VALID_FRACTION:.0%} of documents held out.
+
+| split | documents | tokens (incl. BOS/EOS) |
+|---|---|---|
+| train | {info["n_train"]:,} | {info["train_tokens"]:,} |
+| valid | {info["n_valid"]:,} | {info["valid_tokens"]:,} |
+
+## Tokenizer
+
+Byte-level BPE (`tokenizers`), vocabulary {info["vocab_size"]}, trained on the train split.
+`<|endoftext|>` (id {info["eos_id"]}) is both BOS and EOS; `<|pad|>` (id {info["pad_id"]})
+is a distinct padding token. The tokenizer adds no special tokens by itself:
+sequences should start with `<|endoftext|>`, as in training.
+
+## Model
+
+GPT-2, {c.n_layer} layers, {c.n_head} heads, width {c.n_embd}, context {c.n_positions},
+tied input/output embeddings: {info["n_params"]:,} parameters (float32).
+
+## Training
+
+{t["seconds"] / 60:.1f} minutes on {info["hardware"]} ({info["threads"]} threads),
+{t["steps"]:,} steps, {t["tokens"]:,} tokens seen (~{t["tokens"] / info["train_tokens"]:.1f} epochs).
+Final train loss (mean of the last 100 steps): {t["train_loss"]:.3f}.
+
+Held-out ({e["tokens"]:,} predicted tokens, EOS included): perplexity
+**{e["ppl_token"]:.1f} per BPE token**, {e["bits_per_char"]:.3f} bits per character,
+word-level perplexity {e["ppl_word"]:.1f}.
+
+## Samples
+
+Ancestral sampling, temperature 1, from `<|endoftext|>`, at most {SAMPLE_NEW_TOKENS} new tokens:
+
+{samples}
+
+## Licences
+
+- fortunes, fortunes-min: BSD-style licence of the BSD `fortune` program; individual
+  quotations belong to their authors (see `/usr/share/doc/fortunes*/copyright`).
+- wordnet-base: WordNet 3.0 licence (Princeton University), a permissive
+  BSD-like licence requiring the copyright notice (`/usr/share/doc/wordnet-base/copyright`).
+
+## Limitations
+
+Tiny and trained on a few million tokens: it produces locally plausible but often
+incoherent text, mostly short dictionary-style definitions, example sentences and
+quips. It inherits the dated humour, biases and stereotypes of the fortune files.
+Do not use it for anything but testing and demonstrating dmtune.
+"""
+    (out / "README.md").write_text(card, encoding="utf-8")
+
+
+def parse_args():
+    """Command-line options."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", type=Path, default=Path("dmtune/assets/tiny"))
+    p.add_argument("--minutes", type=float, default=25.0, help="training time budget")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--vocab-size", type=int, default=4096)
+    p.add_argument("--n-positions", type=int, default=128)
+    p.add_argument("--n-embd", type=int, default=192)
+    p.add_argument("--n-layer", type=int, default=4)
+    p.add_argument("--n-head", type=int, default=4)
+    p.add_argument("--dropout", type=float, default=0.0)
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--weight-decay", type=float, default=0.1)
+    p.add_argument("--clip", type=float, default=1.0)
+    p.add_argument("--batch-tokens", type=int, default=4096)
+    return p.parse_args()
+
+
+def main():
+    """Build the corpus and tokenizer, train, evaluate and save the prior."""
+    args = parse_args()
+    torch.set_num_threads(args.threads)
+    random.seed(args.seed)
+    torch.manual_seed(args.seed)
+
+    train_docs, valid_docs = build_corpus(args.seed)
+    tokenizer = train_tokenizer(train_docs, args.vocab_size, args.n_positions)
+    train_seqs = encode(train_docs, tokenizer, args.n_positions)
+    valid_seqs = encode(valid_docs, tokenizer, args.n_positions)
+    lengths = sorted(len(s) for s in train_seqs)
+    print(f"corpus: {len(train_docs):,} train / {len(valid_docs):,} valid documents, "
+          f"{sum(lengths):,} / {sum(map(len, valid_seqs)):,} tokens; doc length median "
+          f"{lengths[len(lengths) // 2]}, 90th pct {lengths[int(0.9 * len(lengths))]}, "
+          f"<= 34 tokens: {sum(n <= 34 for n in lengths) / len(lengths):.0%}", flush=True)
+
+    config = GPT2Config(
+        vocab_size=len(tokenizer), n_positions=args.n_positions, n_embd=args.n_embd,
+        n_layer=args.n_layer, n_head=args.n_head, resid_pdrop=args.dropout,
+        embd_pdrop=args.dropout, attn_pdrop=args.dropout, tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id)
+    model = GPT2LMHeadModel(config)
+    n_params = model.num_parameters()
+    print(f"model: {n_params:,} parameters", flush=True)
+
+    stats = train(model, train_seqs, args, tokenizer.pad_token_id)
+    print(f"trained {stats['steps']} steps in {stats['seconds'] / 60:.1f} min, "
+          f"final train loss {stats['train_loss']:.3f}", flush=True)
+    ev = evaluate(model, valid_seqs, valid_docs, args, tokenizer.pad_token_id)
+    print(f"held-out: ppl/token {ev['ppl_token']:.2f}  bits/char {ev['bits_per_char']:.4f}  "
+          f"ppl/word {ev['ppl_word']:.2f}", flush=True)
+
+    model.generation_config = GenerationConfig(
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id)
+    samples = sample(model, tokenizer, N_CARD_SAMPLES, args.seed)
+    for text in samples:
+        print("sample:", repr(text))
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(args.out, safe_serialization=True)
+    tokenizer.save_pretrained(args.out)
+    write_model_card(args.out, {
+        "command": "python scripts/build_tiny_prior.py " + " ".join(
+            f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()),
+        "seed": args.seed, "lr": args.lr, "weight_decay": args.weight_decay,
+        "clip": args.clip, "batch_tokens": args.batch_tokens, "threads": args.threads,
+        "versions": package_versions(), "n_train": len(train_docs),
+        "n_valid": len(valid_docs), "train_tokens": sum(lengths),
+        "valid_tokens": sum(map(len, valid_seqs)), "vocab_size": len(tokenizer),
+        "eos_id": tokenizer.eos_token_id, "pad_id": tokenizer.pad_token_id,
+        "config": config, "n_params": n_params, "train": stats, "eval": ev,
+        "samples": samples,
+        "hardware": f"{platform.processor() or platform.machine()} CPU "
+                    f"({os.cpu_count()} cores visible)"})
+    print(f"saved to {args.out}")
+
+
+if __name__ == "__main__":
+    main()
