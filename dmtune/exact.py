@@ -200,12 +200,24 @@ def make_toy_prior(
 
 
 def policy_scores(log_policy: torch.Tensor, params: list[torch.Tensor]) -> torch.Tensor:
-    """``∇θ log π(x)`` for every sequence, flattened: (n, n_params)."""
-    n = log_policy.numel()
-    grads = torch.autograd.grad(
-        log_policy, params, grad_outputs=torch.eye(n, dtype=log_policy.dtype), is_grads_batched=True, retain_graph=True
-    )
-    return torch.cat([g.reshape(n, -1) for g in grads], 1)
+    """``∇θ log π(x)`` for every sequence, flattened: (n, n_params). One backward per sequence."""
+    rows = []
+    for i in range(log_policy.numel()):
+        grads = torch.autograd.grad(log_policy[i], params, retain_graph=True)
+        rows.append(torch.cat([g.flatten() for g in grads]))
+    return torch.stack(rows)
+
+
+def expected_gradient(
+    advantages: torch.Tensor, log_policy: torch.Tensor, log_proposal: torch.Tensor, params: list[torch.Tensor]
+) -> torch.Tensor:
+    """Exact ``E_q[g(x)]`` of the one-sample estimator ``g(x) = −A(x) ∇log π(x)``, flattened.
+
+    One backward: ``E_q[g] = ∇θ Σ_x −sg(q(x) A(x)) log π(x)``.
+    """
+    weights = (log_proposal.double().exp() * advantages.double()).detach()
+    grads = torch.autograd.grad(-(weights * log_policy).sum(), params, retain_graph=True)
+    return torch.cat([g.flatten() for g in grads])
 
 
 def objective_advantages(loss_fn: Callable[..., tuple[torch.Tensor, dict]], batch: Batch, **kwargs: Any) -> torch.Tensor:
@@ -220,16 +232,13 @@ def objective_advantages(loss_fn: Callable[..., tuple[torch.Tensor, dict]], batc
     return -grad * leaf.numel()
 
 
-def estimator_moments(
-    advantages: torch.Tensor, scores: torch.Tensor, log_proposal: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact mean and variance (trace of the covariance) of the one-sample estimator.
+def estimator_variance(advantages: torch.Tensor, scores: torch.Tensor, log_proposal: torch.Tensor) -> torch.Tensor:
+    """Exact variance (trace of the covariance) of the one-sample estimator under q.
 
-    The estimator of the loss gradient is ``g(x) = −A(x) ∇log π(x)`` with ``x ~ q``;
-    advantages: (n,), scores: (n, n_params), log_proposal: (n,) over the whole space.
+    ``g(x) = −A(x) ∇log π(x)``, ``x ~ q``; advantages: (n,), scores: (n, n_params) from
+    :func:`policy_scores`, log_proposal: (n,) over the whole space.
     """
     q = log_proposal.double().exp()
     per_sample = -advantages.double()[:, None] * scores.double()  # (n, n_params)
     mean = q @ per_sample
-    variance = q @ (per_sample**2).sum(1) - (mean**2).sum()
-    return mean, variance
+    return q @ (per_sample**2).sum(1) - (mean**2).sum()

@@ -23,9 +23,14 @@ import subprocess
 import time
 from pathlib import Path
 
-import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import GPT2Config, GPT2LMHeadModel, GenerationConfig, PreTrainedTokenizerFast
+# Sleeping instead of spinning OpenMP workers keeps training fast when the cores
+# are shared with other jobs (spinning threads thrash); must precede torch import.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch  # noqa: E402
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers  # noqa: E402
+from transformers import (  # noqa: E402
+    GPT2Config, GPT2LMHeadModel, GenerationConfig, PreTrainedTokenizerFast)
 
 FORTUNE_DIR = Path("/usr/share/games/fortunes")
 WORDNET_DIR = Path("/usr/share/wordnet")
@@ -224,8 +229,8 @@ def train(model, seqs, args, pad_id):
                       f"lr {optimizer.param_groups[0]['lr']:.2e}  tok/s {tokens / elapsed:7.0f}  "
                       f"{elapsed / 60:5.1f} min", flush=True)
     seconds = time.time() - start
-    return {"steps": step, "epochs": epoch - 1 + (step > 0), "tokens": tokens,
-            "seconds": seconds, "train_loss": sum(recent) / max(1, len(recent))}
+    return {"steps": step, "tokens": tokens, "seconds": seconds,
+            "train_loss": sum(recent) / max(1, len(recent))}
 
 
 @torch.no_grad()
@@ -264,6 +269,14 @@ def package_versions():
     out = subprocess.run(["dpkg-query", "-W", *DEBIAN_PACKAGES], capture_output=True,
                          text=True, check=False).stdout
     return dict(line.split("\t", 1) for line in out.splitlines() if "\t" in line)
+
+
+def cpu_name():
+    """The CPU model name from /proc/cpuinfo, or the machine type."""
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.machine()
 
 
 def write_model_card(out, info):
@@ -327,7 +340,8 @@ tied input/output embeddings: {info["n_params"]:,} parameters (float32).
 ## Training
 
 {t["seconds"] / 60:.1f} minutes on {info["hardware"]} ({info["threads"]} threads),
-{t["steps"]:,} steps, {t["tokens"]:,} tokens seen (~{t["tokens"] / info["train_tokens"]:.1f} epochs).
+{t["steps"]:,} steps, {t["tokens"]:,} tokens seen (~{t["tokens"] / info["train_tokens"]:.1f} epochs,
+{t["tokens"] / t["seconds"]:,.0f} tokens/s).
 Final train loss (mean of the last 100 steps): {t["train_loss"]:.3f}.
 
 Held-out ({e["tokens"]:,} predicted tokens, EOS included): perplexity
@@ -367,8 +381,8 @@ def parse_args():
     p.add_argument("--vocab-size", type=int, default=4096)
     p.add_argument("--n-positions", type=int, default=128)
     p.add_argument("--n-embd", type=int, default=192)
-    p.add_argument("--n-layer", type=int, default=4)
-    p.add_argument("--n-head", type=int, default=4)
+    p.add_argument("--n-layer", type=int, default=6)
+    p.add_argument("--n-head", type=int, default=6)
     p.add_argument("--dropout", type=float, default=0.0)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--weight-decay", type=float, default=0.1)
@@ -432,8 +446,7 @@ def main():
         "eos_id": tokenizer.eos_token_id, "pad_id": tokenizer.pad_token_id,
         "config": config, "n_params": n_params, "train": stats, "eval": ev,
         "samples": samples,
-        "hardware": f"{platform.processor() or platform.machine()} CPU "
-                    f"({os.cpu_count()} cores visible)"})
+        "hardware": f"{cpu_name()} ({os.cpu_count()} cores visible)"})
     print(f"saved to {args.out}")
 
 
