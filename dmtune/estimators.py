@@ -100,7 +100,7 @@ def distinct_n(texts: Sequence[str], n: int) -> float:
 
 
 def bleu(hypothesis: Sequence[str], references: Sequence[Sequence[str]], max_n: int = 4) -> float:
-    """Sentence BLEU with add-one smoothing of the n-gram precisions (Lin & Och 2004)."""
+    """Sentence BLEU+1 (Lin & Och 2004): add-one smoothing of the n ≥ 2 precisions."""
     if not hypothesis:
         return 0.0
     log_precision = 0.0
@@ -111,7 +111,10 @@ def bleu(hypothesis: Sequence[str], references: Sequence[Sequence[str]], max_n: 
             for gram, count in Counter(_ngrams(ref, n)).items():
                 max_ref[gram] = max(max_ref[gram], count)
         clipped = sum(min(count, max_ref[gram]) for gram, count in hyp.items())
-        log_precision += math.log((clipped + 1) / (sum(hyp.values()) + 1)) / max_n
+        smoothing = 1 if n > 1 else 0
+        if clipped + smoothing == 0:
+            return 0.0
+        log_precision += math.log((clipped + smoothing) / (sum(hyp.values()) + smoothing)) / max_n
     closest = min((abs(len(r) - len(hypothesis)), len(r)) for r in references)[1] if references else 0
     brevity = min(0.0, 1 - closest / len(hypothesis))
     return math.exp(log_precision + brevity)
