@@ -1,0 +1,127 @@
+"""The training step on the toy prior: learning, collapse, KL-adaptive swaps, exact resume."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dmtune.constraints import TokenCount, TokenPresent
+from dmtune.exact import kl, make_toy_prior
+from dmtune.target import Target, kl_control_log_target
+from dmtune.trainer import Trainer, TrainerConfig
+
+HAS_D = TokenPresent(4, "has_d")
+TOY = dict(batch_size=64, max_new_tokens=4, lr=3e-3, exact=True)
+
+
+@pytest.fixture()
+def prior():
+    model, tokenizer = make_toy_prior(seed=0)
+    return model, tokenizer
+
+
+def _train(prior, target, steps, **config):
+    model, tokenizer = prior
+    trainer = Trainer(model, tokenizer, target, TrainerConfig(**{**TOY, **config}))
+    trainer.fit_target()
+    start = trainer.exact_metrics()
+    history = [trainer.step() for _ in range(steps)]
+    return trainer, start, history
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "objective, kwargs", [("dpg", {}), ("dpg_baseline", {}), ("kl_dpg", {}), ("fdpg", {"divergence": "forward_kl"})]
+)
+def test_distribution_matching_halves_kl_to_a_pointwise_target(prior, objective, kwargs):
+    trainer, start, _ = _train(prior, Target(pointwise=(HAS_D,)), 300, objective=objective, objective_kwargs=kwargs)
+    end = trainer.exact_metrics()
+    assert end["exact/kl_target_policy"] < 0.5 * start["exact/kl_target_policy"]
+    assert end["exact/constraint/has_d"] > start["exact/constraint/has_d"] + 0.05
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("objective", ["dpg_baseline", "kl_dpg"])
+def test_distribution_matching_reaches_a_distributional_target(prior, objective):
+    target = Target(distributional=(TokenCount(4, "n_d"),), moments=torch.tensor([1.5]), pointwise=())
+    trainer, start, _ = _train(prior, target, 300, objective=objective)
+    end = trainer.exact_metrics()
+    assert end["exact/kl_target_policy"] < 0.5 * start["exact/kl_target_policy"]
+    assert abs(end["exact/constraint/n_d"] - 1.5) < 0.5 * abs(start["exact/constraint/n_d"] - 1.5)
+
+
+@pytest.mark.slow
+def test_reinforce_collapses_to_low_entropy(prior):
+    trainer, start, _ = _train(prior, Target(pointwise=(HAS_D,)), 300, objective="reinforce")
+    end = trainer.exact_metrics()
+    assert end["exact/constraint/has_d"] > 0.99
+    assert end["exact/entropy"] < 0.25 * start["exact/entropy"]  # the collapse of 2206.00761 §3
+
+
+@pytest.mark.slow
+def test_kl_control_moves_toward_its_own_target_p_beta(prior):
+    beta = 0.5
+    trainer, _, _ = _train(prior, Target(pointwise=(HAS_D,)), 300, objective="kl_control", objective_kwargs={"beta": beta})
+    space = trainer.exact_space
+    with torch.no_grad():
+        log_prior, log_pi = space.log_probs(trainer.prior), space.log_probs(trainer.policy)
+    log_p_beta = kl_control_log_target(log_prior, HAS_D(space.samples).double(), beta)
+    log_p_beta = log_p_beta - torch.logsumexp(log_p_beta, 0)
+    assert kl(log_p_beta, log_pi) < 0.5 * kl(log_p_beta, log_prior)
+
+
+def test_kl_dpg_swaps_its_proposal_only_when_the_policy_is_closer(prior):
+    trainer, _, history = _train(prior, Target(pointwise=(HAS_D,)), 40, objective="kl_dpg", swap_every=5)
+    swaps = [h["objective/proposal_updated"] for h in history if "objective/proposal_updated" in h]
+    assert len(swaps) == 8 and sum(swaps) >= 1
+    assert all("divergence/kl_target_proposal" in h for h in history)
+    assert "objective/proposal_updated" not in history[0]
+
+
+def test_step_reports_the_glossary_metrics(prior):
+    _, _, history = _train(prior, Target(pointwise=(HAS_D,)), 2, objective="dpg_baseline")
+    expected = {
+        "train/loss", "train/grad_norm", "train/lr", "target/log_z", "target/ess",
+        "divergence/kl_target_policy", "divergence/kl_policy_prior", "divergence/tv_target_policy",
+        "constraint/has_d", "objective/advantage_std", "diversity/distinct_1", "diversity/distinct_2",
+        "diversity/distinct_3", "diversity/entropy", "perf/samples_per_s", "perf/tokens_per_s", "perf/step_s",
+        "step", "samples_seen",
+    }
+    assert expected <= set(history[-1])
+    assert history[-1]["samples_seen"] == 128 and history[-1]["step"] == 2
+
+
+def test_resume_from_a_state_dict_reproduces_the_run_exactly(prior):
+    target = Target(pointwise=(HAS_D,))
+    model, tokenizer = prior
+    config = TrainerConfig(**{**TOY, "exact": False}, objective="kl_dpg", swap_every=2)
+    straight = Trainer(model, tokenizer, target, config)
+    straight_history = [straight.step() for _ in range(6)]
+
+    first = Trainer(model, tokenizer, target, config)
+    for _ in range(3):
+        first.step()
+    state = first.state_dict()
+    torch.manual_seed(1234)  # a resumed process starts with other global RNG state
+    resumed = Trainer(model, tokenizer, target, config)
+    resumed.load_state_dict(state)
+    resumed_history = [resumed.step() for _ in range(3)]
+    for a, b in zip(straight_history[3:], resumed_history):
+        for key in a:
+            if not key.startswith("perf/"):
+                assert a[key] == b[key], key
+
+
+def test_reward_objectives_refuse_a_purely_distributional_target(prior):
+    model, tokenizer = prior
+    target = Target(distributional=(HAS_D,), moments=torch.tensor([0.5]))
+    with pytest.raises(ValueError, match="'reinforce' maximises a reward"):
+        Trainer(model, tokenizer, target, TrainerConfig(objective="reinforce", **TOY))
+
+
+def test_distributional_target_must_be_fitted_before_stepping(prior):
+    model, tokenizer = prior
+    target = Target(distributional=(HAS_D,), moments=torch.tensor([0.5]))
+    trainer = Trainer(model, tokenizer, target, TrainerConfig(**TOY))
+    with pytest.raises(RuntimeError, match="fit_target"):
+        trainer.step()
