@@ -199,12 +199,18 @@ def make_toy_prior(
     return model.eval(), tokenizer
 
 
-def policy_scores(log_policy: torch.Tensor, params: list[torch.Tensor]) -> torch.Tensor:
-    """``∇θ log π(x)`` for every sequence, flattened: (n, n_params). One backward per sequence."""
+def policy_scores(model: PreTrainedModel, space: ExactSpace) -> torch.Tensor:
+    """``∇θ log π(x)`` for every sequence, flattened: (n, n_params).
+
+    One small forward and backward per sequence: cheaper than backpropagating the whole
+    space's graph n times.
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    s = space.samples
     rows = []
-    for i in range(log_policy.numel()):
-        grads = torch.autograd.grad(log_policy[i], params, retain_graph=True)
-        rows.append(torch.cat([g.flatten() for g in grads]))
+    for i in range(len(space)):
+        log_p = sequence_log_probs(model, s.prompt_ids[i : i + 1], s.prompt_mask[i : i + 1], s.tokens[i : i + 1], s.mask[i : i + 1])
+        rows.append(torch.cat([g.flatten() for g in torch.autograd.grad(log_p.sum(), params)]))
     return torch.stack(rows)
 
 

@@ -127,8 +127,8 @@ def _minus_f_prime(log_t: torch.Tensor, divergence: Divergence) -> torch.Tensor:
     if divergence == "reverse_kl":
         return -log_t - 1.0
     if divergence == "js":
-        # ½ log((1+t)/(2t)) = ½ (softplus(log t) − log 2 − log t), stable for any log t
-        return 0.5 * (F.softplus(log_t) - math.log(2.0) - log_t)
+        # ½ log((1+t)/(2t)) = ½ (softplus(−log t) − log 2): finite even where p = 0 (t = ∞)
+        return 0.5 * (F.softplus(-log_t) - math.log(2.0))
     if divergence == "tv":
         return -0.5 * torch.sign(log_t)
     raise ValueError(f"unknown divergence {divergence!r}; valid: forward_kl, reverse_kl, js, tv")
@@ -140,8 +140,8 @@ def fdpg(batch: Batch, *, divergence: Divergence = "forward_kl", baseline: str |
     ``∇ D_f(π‖p) = E_π[f′(π/p) ∇log π]``; forward KL gives DPG, reverse KL gives KL-control
     with β = 1 (up to a constant in the pseudo-reward), plus Jensen–Shannon and total variation.
     The "mean" baseline is the importance-weighted batch mean of the pseudo-reward under π.
-    Where P = 0 the pseudo-reward of forward KL is 0; reverse KL and JS are then infinite,
-    so pointwise targets need forward KL or TV.
+    Where P = 0 the pseudo-reward of reverse KL is infinite, so pointwise targets need forward
+    KL, Jensen–Shannon or TV.
     """
     log_rho = batch.log_rho
     log_t = batch.log_policy.detach() - (batch.log_target - batch.log_z)  # log π/p

@@ -7,6 +7,8 @@ autograd through the exact divergence: on-policy (q = π) and off-policy (q = pr
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -41,15 +43,15 @@ def _divergence(name, kwargs, log_pi, log_prior, log_p, reward):
         return -(pi @ reward - kwargs["beta"] * kl(log_pi, log_prior))
     if name in ("dpg", "dpg_baseline", "kl_dpg"):
         return kl(log_p, log_pi)
-    p, log_t = log_p.exp(), log_pi - log_p  # D_f(π‖p) = Σ p f(π/p)
-    t = log_t.exp()
-    f = {
-        "forward_kl": -log_t,
-        "reverse_kl": t * log_t,
-        "js": 0.5 * (t * log_t - (1 + t) * torch.log((1 + t) / 2)),
-        "tv": 0.5 * (t - 1).abs(),
-    }[kwargs["divergence"]]
-    return p @ f
+    divergence = kwargs["divergence"]
+    if divergence == "forward_kl":
+        return kl(log_p, log_pi)
+    if divergence == "reverse_kl":
+        return kl(log_pi, log_p)
+    if divergence == "js":  # ½ KL(π‖m) + ½ KL(p‖m), m = (π + p)/2: defined where p = 0
+        log_m = torch.logaddexp(log_pi, log_p) - math.log(2)
+        return 0.5 * (kl(log_pi, log_m) + kl(log_p, log_m))
+    return 0.5 * (log_pi.exp() - log_p.exp()).abs().sum()  # tv
 
 
 CASES = [
@@ -68,6 +70,7 @@ CASES = [
     ("fdpg", {"divergence": "reverse_kl"}, "distributional", True),
     ("fdpg", {"divergence": "reverse_kl"}, "distributional", False),
     ("fdpg", {"divergence": "js"}, "distributional", True),
+    ("fdpg", {"divergence": "js"}, "pointwise", False),
     ("fdpg", {"divergence": "tv", "baseline": "none"}, "distributional", True),
 ]
 
@@ -111,7 +114,7 @@ def test_the_baseline_lowers_the_exact_variance_of_dpg(toy, toy_policy, space, s
     start, with q far from π, ρ = π/q explodes and the baseline hurts: KL-adaptive DPG keeps q a
     recent copy of π for that reason; benchmarks/exact_toy.py measures it.)"""
     prior, _ = toy
-    scores = policy_scores(space.log_probs(prior), list(prior.parameters()))
+    scores = policy_scores(prior, space)
     with torch.no_grad():
         log_q = space.log_probs(toy_policy) if off_policy else None
     plain = _variance(dpg, {}, prior, log_q, space, setting, scores)
@@ -120,7 +123,7 @@ def test_the_baseline_lowers_the_exact_variance_of_dpg(toy, toy_policy, space, s
 
 
 def test_a_baseline_lowers_the_exact_variance_of_reinforce(toy_policy, space, setting):
-    scores = policy_scores(space.log_probs(toy_policy), list(toy_policy.parameters()))
+    scores = policy_scores(toy_policy, space)
     with torch.no_grad():
         mean_reward = (space.log_probs(toy_policy).exp() @ setting["reward"]).item()
     plain = _variance(reinforce, {"baseline": "none"}, toy_policy, None, space, setting, scores)
