@@ -20,7 +20,7 @@ from dmtune.exact import ExactSpace, ExactTruth, exact_metrics, target_truth
 from dmtune.models import encode_prompts, filler_token_id, frozen_copy, sequence_log_probs
 from dmtune.objectives import Batch, get_objective
 from dmtune.sampling import Decoding, Samples, check_ancestral, sample
-from dmtune.target import LambdaFit, RunningLogZ, Scores, Target
+from dmtune.target import RunningLogZ, Scores, Target
 
 
 @dataclass
@@ -91,28 +91,63 @@ class Trainer:
 
     # --- setup -----------------------------------------------------------------------------
 
-    def fit_target(self) -> LambdaFit | None:
-        """Fit λ of the distributional constraints on ``fit_samples`` samples of the prior."""
-        if not self.target.distributional:
-            return None
-        batches = [self._sample(self.prior) for _ in range(-(-self.config.fit_samples // self.config.batch_size))]
+    @torch.no_grad()
+    def calibrate(self) -> dict[str, Any]:
+        """Sample the prior ``fit_samples`` times: base rates, λ fitting, and KL(p‖a).
+
+        Returns {"metrics": step-0 metrics of π = a, "lambdas", "fit": ...}. A pointwise
+        constraint that no prior sample meets is an error: every importance weight would be 0.
+        """
+        n_batches = -(-self.config.fit_samples // self.config.batch_size)
+        batches = [self._sample(self.prior) for _ in range(n_batches)]
         scores = [self.target.score(s) for s in batches]
+        by_name = {name: torch.cat([s.by_name[name] for s in scores]) for name in scores[0].by_name}
         joined = Scores(
             features=torch.cat([s.features for s in scores]),
             log_b=torch.cat([s.log_b for s in scores]),
             reward=torch.cat([s.reward for s in scores]),
-            by_name={},
+            by_name=by_name,
         )
-        log_q = torch.cat([s.log_q for s in batches])
-        # samples of the prior itself: log a − log q = 0, so the base weights are log b
-        return self.target.fit(log_q, log_q, joined)
+        n = joined.log_b.numel()
+        for constraint in self.target.pointwise:
+            if by_name[constraint.name].sum() == 0:
+                raise ValueError(
+                    f"pointwise constraint {constraint.name!r} holds for 0 of {n} prior samples: the target "
+                    "is unreachable by importance sampling; raise train.fit_samples, relax the constraint, or "
+                    "make it distributional with a small moment"
+                )
+        fit = None
+        if self.target.distributional:
+            # samples of the prior itself: log a − log q = 0, so the base weights are log b
+            zeros = torch.zeros(n, dtype=torch.float64, device=joined.log_b.device)
+            fit = self.target.fit(zeros, zeros, joined)
+        log_w = self.target.log_prob(torch.zeros(n, dtype=torch.float64, device=joined.log_b.device), joined)
+        log_z = est.log_mean_exp(log_w)  # log w = log P − log a
+        metrics = {f"constraint/{name}": values.double().mean().item() for name, values in by_name.items()}
+        for feature, moment in zip(self.target.distributional, self._moments()):
+            metrics[f"constraint/{feature.name}_target"] = float(moment)
+        metrics.update({
+            "target/log_z": log_z.item(),
+            "target/ess": est.effective_sample_size(log_w).item(),
+            "divergence/kl_target_policy": est.kl_target_model(log_w, torch.zeros_like(log_w), torch.zeros_like(log_w), log_z).item(),
+            "divergence/kl_policy_prior": 0.0,
+        })
+        return {
+            "metrics": metrics,
+            "fit_samples": n,
+            "lambdas": self.target.lambdas.tolist(),
+            "lambda_fit": None if fit is None else {"achieved": fit.achieved.tolist(), "iterations": fit.iterations, "ess": fit.ess},
+        }
+
+    def _moments(self) -> list[float]:
+        return [] if self.target.moments is None else self.target.moments.tolist()
 
     # --- one step ----------------------------------------------------------------------------
 
     def step(self) -> dict[str, float]:
         """One update; returns the step's metrics (plain floats, namespaced as in the glossary)."""
         if not self.target.fitted:
-            raise RuntimeError("distributional constraints need λ: call fit_target() before step()")
+            raise RuntimeError("distributional constraints need λ: call calibrate() before step()")
         started = time.perf_counter()
 
         # --- sample x ~ q ---
@@ -185,8 +220,8 @@ class Trainer:
             metrics["divergence/kl_target_proposal"] = est.kl_target_model(*args, batch.log_proposal, batch.log_z)
         for name, values in scores.by_name.items():
             metrics[f"constraint/{name}"] = est.moments(values, log_pi, batch.log_proposal)
-        for feature, moment in zip(self.target.distributional, self.target.moments if self.target.moments is not None else []):
-            metrics[f"constraint/{feature.name}_target"] = moment
+        for feature, moment in zip(self.target.distributional, self._moments()):
+            metrics[f"constraint/{feature.name}_target"] = torch.tensor(moment)
         return metrics
 
     @torch.no_grad()

@@ -14,6 +14,7 @@ The output folder loads with ``GPT2LMHeadModel.from_pretrained`` and
 """
 
 import argparse
+import json
 import math
 import os
 import platform
@@ -271,6 +272,15 @@ def package_versions():
     return dict(line.split("\t", 1) for line in out.splitlines() if "\t" in line)
 
 
+def save_tokenizer(tokenizer, out):
+    """Save the tokenizer under the class name every transformers version knows."""
+    tokenizer.save_pretrained(out)
+    config_path = out / "tokenizer_config.json"
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    config_path.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+
+
 def cpu_name():
     """The CPU model name from /proc/cpuinfo, or the machine type."""
     for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -434,7 +444,7 @@ def main():
 
     args.out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(args.out, safe_serialization=True)
-    tokenizer.save_pretrained(args.out)
+    save_tokenizer(tokenizer, args.out)
     write_model_card(args.out, {
         "command": "python scripts/build_tiny_prior.py " + " ".join(
             f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()),

@@ -23,7 +23,7 @@ def prior():
 def _train(prior, target, steps, **config):
     model, tokenizer = prior
     trainer = Trainer(model, tokenizer, target, TrainerConfig(**{**TOY, **config}))
-    trainer.fit_target()
+    trainer.calibrate()
     start = trainer.exact_metrics()
     history = [trainer.step() for _ in range(steps)]
     return trainer, start, history
@@ -123,5 +123,5 @@ def test_distributional_target_must_be_fitted_before_stepping(prior):
     model, tokenizer = prior
     target = Target(distributional=(HAS_D,), moments=torch.tensor([0.5]))
     trainer = Trainer(model, tokenizer, target, TrainerConfig(**TOY))
-    with pytest.raises(RuntimeError, match="fit_target"):
+    with pytest.raises(RuntimeError, match="calibrate"):
         trainer.step()

@@ -1,0 +1,216 @@
+"""``dmtune``: the command line. Overrides use Hydra's own grammar (``key=value``, groups).
+
+Every command composes the config first, so a typo in an override fails in a fraction of a
+second with one line naming the bad key or option and the valid ones, before a model loads.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+import sys
+from pathlib import Path
+from typing import Any, List, Optional
+
+import typer
+from hydra import compose, initialize_config_dir
+from hydra.errors import HydraException
+from omegaconf import DictConfig, OmegaConf
+
+from dmtune.config import register_configs, validate
+
+CONF_DIR = Path(__file__).parent / "conf"
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+app = typer.Typer(
+    name="dmtune",
+    help="Fine-tune language models toward constraints without catastrophic forgetting: "
+    "distribution matching (DPG, GDC++, KL-adaptive DPG, f-DPG) beside reward maximisation "
+    "(REINFORCE, KL-control), configured with Hydra and logged to Weights & Biases.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+OVERRIDES = typer.Argument(None, help="Hydra overrides, e.g. objective=kl_dpg constraint=sentiment train.steps=100", show_default=False)
+
+
+def fail(message: str) -> None:
+    """Print one line to stderr and exit with the usage error code."""
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(EXIT_USAGE)
+
+
+def compose_config(overrides: list[str]) -> DictConfig:
+    """Compose and validate, turning Hydra's and our errors into one line each."""
+    register_configs()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        try:
+            cfg = compose("config", overrides=overrides)
+        except HydraException as error:
+            fail(explain_compose_error(error, overrides))
+    try:
+        validate(cfg)
+    except ValueError as error:
+        fail(str(error))
+    return cfg
+
+
+def explain_compose_error(error: Exception, overrides: list[str]) -> str:
+    """One line for a failed composition: the bad key or option and what would be valid."""
+    text = str(error)
+    missing = re.search(r"Could not find '([^']+)/([^']+)'", text)
+    if missing:
+        group, option = missing.groups()
+        options = sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+        return f"{group}={option} is not an option of {group}; valid: {', '.join(options)}{_did_you_mean(option, options)}"
+    unknown = re.search(r"Could not override '([^']+)'", text)
+    if unknown:
+        key = unknown.group(1)
+        parent, _, leaf = key.rpartition(".")
+        valid = _keys_at(parent, [o for o in overrides if not o.lstrip("+~").startswith(key + "=")])
+        where = f"keys of {parent}" if parent else "top-level keys and groups"
+        return f"unknown key {key!r}; valid {where}: {', '.join(valid)}{_did_you_mean(leaf, valid)}"
+    cause = error.__cause__
+    detail = str(cause).strip().splitlines()[0] if cause is not None and str(cause).strip() else text.splitlines()[0]
+    return f"{text.splitlines()[0]}: {detail}" if detail not in text else text.splitlines()[0]
+
+
+def _keys_at(path: str, overrides: list[str]) -> list[str]:
+    try:
+        cfg = compose("config", overrides=overrides)
+    except HydraException:
+        cfg = compose("config")
+    node = OmegaConf.select(cfg, path) if path else cfg
+    return sorted(node.keys()) if isinstance(node, DictConfig) else []
+
+
+def _did_you_mean(word: str, choices: list[str]) -> str:
+    close = difflib.get_close_matches(word, choices, n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _resume_overrides(overrides: list[str]) -> list[str]:
+    """``resume=RUN_DIR``: the run's own overrides, then the new ones, in the same run dir."""
+    resume = [o.split("=", 1)[1] for o in overrides if o.startswith("resume=")]
+    if not resume:
+        return overrides
+    run_dir = Path(resume[-1]).resolve()
+    saved_file = run_dir / ".hydra" / "overrides.yaml"
+    if not saved_file.is_file():
+        fail(f"resume={resume[-1]} is not a dmtune run dir (no .hydra/overrides.yaml there)")
+    saved = [o for o in OmegaConf.load(saved_file) if not o.startswith(("resume=", "hydra.run.dir="))]
+    new = [o for o in overrides if not o.startswith("resume=")]
+    return [*saved, *new, f"resume={run_dir}", f"hydra.run.dir={run_dir}"]
+
+
+def _run_hydra_main(overrides: list[str]) -> None:
+    """Hand over to Hydra's own main (run dir, .hydra/, logging) with these overrides."""
+    import hydra
+
+    register_configs()
+
+    @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
+    def task(cfg: DictConfig) -> None:
+        from hydra.core.hydra_config import HydraConfig
+
+        from dmtune.checkpoint import CheckpointError
+        from dmtune.run import train
+
+        run_dir = Path(HydraConfig.get().runtime.output_dir)
+        try:
+            summary = train(cfg, run_dir)
+        except (ValueError, CheckpointError) as error:
+            if os.environ.get("HYDRA_FULL_ERROR") == "1":
+                raise
+            typer.echo(f"error: {str(error).splitlines()[0]}", err=True)
+            sys.exit(EXIT_USAGE)
+        print_summary(summary)
+        if summary["stopped_by_signal"] is not None:
+            typer.echo(f"stopped at step {summary['steps']}; checkpoint saved; resume with: dmtune train resume={run_dir}", err=True)
+            sys.exit(EXIT_INTERRUPTED)
+
+    argv = sys.argv
+    sys.argv = ["dmtune", *overrides]
+    try:
+        task()
+    finally:
+        sys.argv = argv
+
+
+def print_summary(summary: dict[str, Any]) -> None:
+    """The one-screen end-of-run summary."""
+    final = summary["final"]
+    lines = [f"\n{summary['objective']}: {summary['steps']} steps, {summary['samples_seen']} samples in {summary['wall_s']:.0f} s"]
+    for key, base in summary["prior"].items():
+        if key.endswith("_target"):
+            continue
+        goal = summary["prior"].get(f"{key}_target")
+        goal_text = f"  (target {goal:.3g})" if goal is not None else ""
+        lines.append(f"  {key:<34} prior {base:.3f} → {final.get(key, float('nan')):.3f}{goal_text}")
+    for key in ("divergence/kl_policy_prior", "divergence/kl_target_policy", "diversity/distinct_1", "perf/samples_per_s"):
+        if final.get(key) is not None:
+            lines.append(f"  {key:<34} {final[key]:.3f}")
+    lines.append(f"  run dir: {summary['run_dir']}")
+    typer.echo("\n".join(lines))
+
+
+@app.command(context_settings={"allow_interspersed_args": False})
+def train(overrides: Optional[List[str]] = OVERRIDES) -> None:
+    """Train a policy. Writes a run dir under outputs/ (metrics.jsonl, samples, checkpoints).
+
+    \b
+    Examples:
+      dmtune train                                   # GDC++ toward positive sentiment, tiny prior
+      dmtune train objective=kl_dpg constraint=sentiment
+      dmtune train objective=reinforce train.steps=50 logger=none
+      dmtune train model=toy constraint=toy_token   # exact KL(p‖π) in metrics.jsonl
+      dmtune train constraint=[sentiment,word]      # several constraints at once
+      dmtune train resume=outputs/2026-11-22/10-00-00_default_dpg_baseline
+    """
+    overrides = _resume_overrides(list(overrides or []))
+    compose_config([o for o in overrides if not o.startswith("hydra.")])
+    _run_hydra_main(overrides)
+
+
+@app.command("config")
+def show_config(overrides: Optional[List[str]] = OVERRIDES) -> None:
+    """Print the composed config for these overrides (nothing is run).
+
+    \b
+    Example:
+      dmtune config objective=kl_control objective.beta=0.05
+    """
+    typer.echo(OmegaConf.to_yaml(compose_config(list(overrides or []))), nl=False)
+
+
+@app.command()
+def sample(
+    run_dir: Path = typer.Argument(..., help="A run dir written by `dmtune train`.", exists=True, file_okay=False),
+    n: int = typer.Option(8, "--n", "-n", help="How many samples."),
+    temperature: float = typer.Option(1.0, help="Sampling temperature (1 = the policy's own distribution)."),
+    top_p: float = typer.Option(1.0, help="Nucleus sampling mass (1 = off)."),
+    top_k: int = typer.Option(0, help="Top-k sampling (0 = off)."),
+    seed: int = typer.Option(0, help="Seed of the sampler."),
+) -> None:
+    """Print samples of a trained policy with their feature scores.
+
+    \b
+    Example:
+      dmtune sample outputs/2026-11-22/10-00-00_default_dpg_baseline -n 16
+    """
+    from dmtune.inspect import sample_run
+
+    try:
+        rows = sample_run(run_dir, n=n, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
+    except ValueError as error:
+        fail(str(error).splitlines()[0])
+    for row in rows:
+        scores = "  ".join(f"{k}={v:.3g}" for k, v in row.items() if k not in ("text", "log_prob"))
+        typer.echo(f"[{scores}  log π={row['log_prob']:.2f}]  {row['text']}")
+
+
+def main() -> None:  # pragma: no cover - console-script entry
+    app()

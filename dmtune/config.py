@@ -1,0 +1,171 @@
+"""The structured-config schema (dataclasses in Hydra's ConfigStore) and its validation.
+
+The YAML files under ``conf/`` fill these dataclasses, so a misspelt key or a value of the
+wrong type fails while composing, before any model loads. :func:`validate` then checks what
+a schema cannot: objective names, feature kinds and roles, moments, device names.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig
+
+ROLES = ("pointwise", "distributional", "reward")
+DEVICES = ("auto", "cpu", "cuda")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclass
+class ToyConfig:
+    words: List[str] = field(default_factory=lambda: ["a", "b", "c", "d"])  # the toy vocabulary besides EOS
+    seed: int = 0  # seeds the toy prior's weights
+    n_layer: int = 2
+    n_embd: int = 16
+    n_head: int = 2
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str = "tiny"  # tiny (embedded), toy, smollm2, a hub name or a local path
+    toy: ToyConfig = field(default_factory=ToyConfig)  # used when name_or_path=toy
+
+
+@dataclass
+class FeatureConfig:
+    kind: str = MISSING  # sentiment, word, wordlist, female, token, ... (dmtune.constraints.FEATURE_KINDS)
+    role: str = "pointwise"  # pointwise (b ∈ {0,1}), distributional (moment matched) or reward
+    moment: Optional[float] = None  # target moment μ̄, required when role=distributional
+    params: Dict[str, Any] = field(default_factory=dict)  # the kind's own parameters
+
+
+@dataclass
+class ConstraintConfig:
+    name: str = "none"  # a label for run names and W&B tags
+    features: Dict[str, FeatureConfig] = field(default_factory=dict)  # feature name → its config
+
+
+@dataclass
+class ObjectiveConfig:
+    name: str = MISSING  # reinforce, kl_control, dpg, dpg_baseline, kl_dpg, fdpg
+    baseline: Optional[str] = None  # reinforce, kl_control, fdpg: none, mean, loo or a number
+    beta: Optional[float] = None  # kl_control: weight of the KL penalty
+    divergence: Optional[str] = None  # fdpg: forward_kl, reverse_kl, js, tv
+    swap_every: int = 10  # kl_dpg: steps between proposal-swap checks
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 200  # optimizer steps
+    batch_size: int = 256  # samples per step
+    max_new_tokens: int = 32  # tokens per sample (EOS included)
+    prompt: str = ""  # every sample continues BOS + prompt
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    grad_clip: float = 1.0  # max gradient norm; 0 disables
+    fit_samples: int = 4096  # prior samples for base rates and λ fitting
+    log_every: int = 1  # steps between metrics.jsonl / W&B lines
+    eval_every: int = 25  # steps between sample tables, self-BLEU and exact metrics
+    checkpoint_every: int = 50  # steps between checkpoints (one is always written at the end)
+    logged_samples: int = 16  # samples per table at eval steps
+
+
+@dataclass
+class DeviceConfig:
+    name: str = "auto"  # auto (cuda when available), cpu, cuda, cuda:N
+    dtype: str = "float32"  # float32, bfloat16, float16 weights
+    tf32: bool = True  # allow TF32 matmuls on Ampere+ GPUs
+    threads: int = 0  # CPU threads for torch; 0 keeps torch's default
+
+
+@dataclass
+class LoggerConfig:
+    mode: str = "auto"  # auto (online when logged in, else offline), online, offline, disabled
+    project: str = "dmtune"
+    entity: Optional[str] = None
+    group: Optional[str] = None  # defaults to the experiment name
+    job_type: str = "train"
+    tags: List[str] = field(default_factory=list)
+    name: Optional[str] = None  # W&B run name; defaults to the run dir's name
+
+
+@dataclass
+class DmtuneConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    constraint: ConstraintConfig = field(default_factory=ConstraintConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    device: DeviceConfig = field(default_factory=DeviceConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    experiment_name: str = "default"  # W&B group and run-dir prefix
+    seed: int = 0
+    resume: Optional[str] = None  # a run dir to continue from its last checkpoint
+
+
+def register_configs() -> None:
+    """Put the schema in Hydra's ConfigStore (``defaults: [dmtune_schema, ...]``)."""
+    store = ConfigStore.instance()
+    store.store(name="dmtune_schema", node=DmtuneConfig)
+
+
+def objective_kwargs(objective: ObjectiveConfig | DictConfig) -> dict[str, Any]:
+    """The keyword arguments of the objective's loss function that the config sets."""
+    kwargs: dict[str, Any] = {}
+    if objective.baseline is not None:
+        kwargs["baseline"] = _number_or_word(objective.baseline)
+    if objective.beta is not None:
+        kwargs["beta"] = float(objective.beta)
+    if objective.divergence is not None:
+        kwargs["divergence"] = objective.divergence
+    return kwargs
+
+
+def _number_or_word(value: str) -> float | str:
+    try:
+        return float(value)
+    except ValueError:
+        return value
+
+
+def validate(cfg: DictConfig) -> None:
+    """Checks beyond the schema; each failure is one line naming the value and the valid ones."""
+    from dmtune.constraints import FEATURE_KINDS
+    from dmtune.objectives import OBJECTIVES
+
+    name = cfg.objective.name
+    if name not in OBJECTIVES:
+        raise ValueError(f"objective.name={name!r} is not an objective; valid: {', '.join(OBJECTIVES)}")
+    accepted = _accepted_kwargs(name)
+    for key in objective_kwargs(cfg.objective):
+        if key not in accepted:
+            raise ValueError(f"objective.{key} is set but {name} takes no {key}; it takes: {', '.join(accepted) or 'nothing'}")
+    for feature_name, feature in cfg.constraint.features.items():
+        where = f"constraint.features.{feature_name}"
+        if feature.kind not in FEATURE_KINDS:
+            raise ValueError(f"{where}.kind={feature.kind!r} is not a feature kind; valid: {', '.join(FEATURE_KINDS)}")
+        if feature.role not in ROLES:
+            raise ValueError(f"{where}.role={feature.role!r}; valid: {', '.join(ROLES)}")
+        if (feature.role == "distributional") != (feature.moment is not None):
+            raise ValueError(f"{where}: a moment is required for role=distributional and only then (role={feature.role}, moment={feature.moment})")
+    rewards = [n for n, f in cfg.constraint.features.items() if f.role == "reward"]
+    if len(rewards) > 1:
+        raise ValueError(f"at most one feature may have role=reward; got {', '.join(rewards)}")
+    device = cfg.device.name
+    if device not in DEVICES and not device.startswith("cuda:"):
+        raise ValueError(f"device.name={device!r}; valid: {', '.join(DEVICES)} or cuda:N")
+    if cfg.device.dtype not in DTYPES:
+        raise ValueError(f"device.dtype={cfg.device.dtype!r}; valid: {', '.join(DTYPES)}")
+    for key in ("steps", "batch_size", "max_new_tokens", "log_every", "eval_every", "checkpoint_every"):
+        if cfg.train[key] < 1:
+            raise ValueError(f"train.{key}={cfg.train[key]} must be at least 1")
+
+
+def _accepted_kwargs(objective: str) -> list[str]:
+    from dmtune.objectives import OBJECTIVES
+
+    params = inspect.signature(OBJECTIVES[objective].loss).parameters.values()
+    return [p.name for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY]
