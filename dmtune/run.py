@@ -25,7 +25,9 @@ from dmtune.checkpoint import checkpoint_path, load_checkpoint, save_checkpoint
 from dmtune.config import objective_kwargs
 from dmtune.constraints import build_feature
 from dmtune.loggers import RunLogger, WandbOptions
+from dmtune.models import encode_prompts, sequence_log_probs
 from dmtune.priors import load_prior
+from dmtune.sampling import Decoding, sample
 from dmtune.target import Target
 from dmtune.trainer import Trainer, TrainerConfig
 
@@ -209,3 +211,34 @@ def _summary(
         "final": {k: final(k) for k in (*features, "divergence/kl_policy_prior", "divergence/kl_target_policy",
                                         "diversity/distinct_1", "perf/samples_per_s")},
     }
+
+
+def load_run(run_dir: str | Path) -> Trainer:
+    """Rebuild a run's trainer from its saved config and last checkpoint."""
+    run_dir = Path(run_dir)
+    config_file = run_dir / ".hydra" / "config.yaml"
+    if not config_file.is_file():
+        raise ValueError(f"{run_dir} is not a dmtune run dir (no .hydra/config.yaml)")
+    cfg = OmegaConf.load(config_file)
+    trainer = build_trainer(cfg)
+    trainer.load_state_dict(load_checkpoint(checkpoint_path(run_dir), map_location=trainer.device))
+    return trainer
+
+
+@torch.no_grad()
+def sample_run(
+    run_dir: str | Path, *, n: int, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, seed: int = 0
+) -> list[dict[str, Any]]:
+    """Fresh samples of a run's policy with their feature values and log π (any decoding)."""
+    trainer = load_run(run_dir)
+    decoding = Decoding(trainer.config.max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p)
+    prompt_ids, prompt_mask = encode_prompts(trainer.tokenizer, [trainer.config.prompt] * n, trainer.filler_id, trainer.device)
+    generator = torch.Generator(trainer.device).manual_seed(seed)
+    samples = sample(trainer.policy, trainer.tokenizer, prompt_ids, prompt_mask, decoding, trainer.filler_id, generator)
+    scores = trainer.target.score(samples)
+    log_pi = sequence_log_probs(trainer.policy, samples.prompt_ids, samples.prompt_mask, samples.tokens, samples.mask)
+    columns = {name: values.tolist() for name, values in scores.by_name.items()}
+    return [
+        {"text": text, "log_prob": lp, **{name: values[i] for name, values in columns.items()}}
+        for i, (text, lp) in enumerate(zip(samples.texts, log_pi.tolist()))
+    ]

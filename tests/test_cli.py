@@ -1,0 +1,147 @@
+"""The real CLI end to end: config composition, one-line errors, runs, W&B offline, resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from dmtune.cli import CONF_DIR, app
+from dmtune.loggers import read_jsonl, read_offline_history
+from dmtune.models import TINY_PRIOR_DIR
+from dmtune.objectives import OBJECTIVES
+
+runner = CliRunner()
+needs_tiny = pytest.mark.skipif(not (TINY_PRIOR_DIR / "model.safetensors").is_file(), reason="embedded prior not built")
+SMOKE = ["experiment=smoke", "device.threads=1"]
+
+
+def dmtune(*args: str):
+    return runner.invoke(app, list(args))
+
+
+def _options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+
+
+@pytest.mark.parametrize(
+    "group, option",
+    [(g, o) for g in ("model", "constraint", "objective", "device", "logger", "experiment") for o in _options(g)],
+)
+def test_every_config_option_composes(group, option):
+    result = dmtune("config", f"{group}={option}")
+    assert result.exit_code == 0, result.output
+    assert "objective:" in result.stdout and "train:" in result.stdout
+
+
+def test_objective_configs_match_the_registry():
+    assert set(_options("objective")) == set(OBJECTIVES)
+    for name in OBJECTIVES:
+        assert f"name: {name}\n" in dmtune("config", f"objective={name}").stdout
+
+
+def test_constraints_compose_into_one_set():
+    result = dmtune("config", "constraint=[sentiment,word]")
+    assert result.exit_code == 0 and "positive:" in result.stdout and "word:" in result.stdout
+
+
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("objective=dpgg", "objective=dpgg is not an option of objective; valid: dpg, dpg_baseline, fdpg"),
+        ("train.stepz=3", "unknown key 'train.stepz'; valid keys of train: batch_size"),
+        ("train.stepz=3", "(did you mean 'steps'?)"),
+        ("objectiv=dpg", "(did you mean 'objective'?)"),
+        ("train.steps=abc", "train.steps"),
+        ("objective.beta=0.1", "objective.beta is set but dpg_baseline takes no beta"),
+        ("constraint.features.positive.kind=sentimental", "is not a feature kind; valid: sentiment"),
+        ("device.name=tpu", "device.name='tpu'; valid: auto, cpu, cuda"),
+    ],
+)
+def test_bad_overrides_fail_in_one_line_naming_the_choices(override, expected):
+    result = dmtune("train", override)
+    assert result.exit_code == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert expected in lines[0]
+
+
+def _run(tmp_path: Path, name: str, *overrides: str) -> Path:
+    run_dir = tmp_path / name
+    result = dmtune("train", *SMOKE, f"hydra.run.dir={run_dir}", *overrides)
+    assert result.exit_code == 0, result.output
+    return run_dir
+
+
+@needs_tiny
+@pytest.mark.parametrize("objective", list(OBJECTIVES))
+def test_every_objective_runs_end_to_end_on_the_tiny_prior(tmp_path, objective):
+    run_dir = _run(tmp_path, objective, f"objective={objective}", "logger.mode=offline")
+    metrics = read_jsonl(run_dir / "metrics.jsonl")
+    assert [m["step"] for m in metrics] == [0, 1, 2, 3, 4]
+    assert [m["samples_seen"] for m in metrics] == [0, 16, 32, 48, 64]
+    assert 0 <= metrics[0]["constraint/positive"] <= 1 and metrics[0]["divergence/kl_policy_prior"] == 0
+    for key in ("train/loss", "divergence/kl_target_policy", "divergence/kl_policy_prior", "perf/samples_per_s"):
+        assert all(key in m for m in metrics[1:]), key
+    samples = read_jsonl(run_dir / "samples.jsonl")
+    assert len(samples) == 8 and all(isinstance(s["text"], str) and "positive" in s for s in samples)
+    assert (run_dir / "checkpoints" / "last.pt").is_file() and (run_dir / "policy" / "model.safetensors").is_file()
+    assert (run_dir / ".hydra" / "config.yaml").is_file()
+    history = {row["_step"]: row for row in read_offline_history(run_dir) if "train/loss" in row}
+    assert sorted(history) == [1, 2, 3, 4]
+    for m in metrics[1:]:
+        assert history[m["step"]]["train/loss"] == pytest.approx(m["train/loss"], rel=1e-6)
+        assert history[m["step"]]["divergence/kl_policy_prior"] == pytest.approx(m["divergence/kl_policy_prior"], rel=1e-6)
+
+
+@needs_tiny
+def test_sample_prints_scored_samples_and_a_corrupt_checkpoint_is_a_clear_error(tmp_path):
+    run_dir = _run(tmp_path, "run", "logger=none")
+    result = dmtune("sample", str(run_dir), "-n", "3")
+    assert result.exit_code == 0, result.output
+    assert len(result.stdout.strip().splitlines()) == 3 and "positive=" in result.stdout
+    checkpoint = run_dir / "checkpoints" / "last.pt"
+    checkpoint.write_bytes(checkpoint.read_bytes()[:1000])
+    metrics_before = (run_dir / "metrics.jsonl").read_text()
+    for args in (("sample", str(run_dir)), ("train", f"resume={run_dir}")):
+        result = dmtune(*args)
+        assert result.exit_code == 2
+        assert result.stderr.strip().splitlines() == [result.stderr.strip()] and "corrupt or truncated" in result.stderr
+    assert (run_dir / "metrics.jsonl").read_text() == metrics_before  # nothing written is lost
+
+
+@needs_tiny
+def test_resume_after_sigterm_reproduces_the_uninterrupted_run(tmp_path):
+    steps = ["train.steps=10", "train.checkpoint_every=100", "logger=none"]
+    straight = _run(tmp_path, "straight", *steps)
+
+    interrupted = tmp_path / "interrupted"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "dmtune", "train", *SMOKE, *steps, f"hydra.run.dir={interrupted}"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+    )
+    metrics_file = interrupted / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and (not metrics_file.is_file() or len(metrics_file.read_text().splitlines()) < 4):
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode == 130, stderr
+    assert "resume with: dmtune train resume=" in stderr
+    stopped_at = read_jsonl(metrics_file)[-1]["step"]
+    assert 3 <= stopped_at < 10
+
+    result = dmtune("train", f"resume={interrupted}")
+    assert result.exit_code == 0, result.output
+    resumed, reference = read_jsonl(metrics_file), read_jsonl(straight / "metrics.jsonl")
+    assert [m["step"] for m in resumed] == list(range(11))
+    for a, b in zip(reference, resumed):
+        assert {k: v for k, v in a.items() if not k.startswith("perf/")} == {k: v for k, v in b.items() if not k.startswith("perf/")}
