@@ -84,7 +84,10 @@ def _keys_at(path: str, overrides: list[str]) -> list[str]:
     except HydraException:
         cfg = compose("config")
     node = OmegaConf.select(cfg, path) if path else cfg
-    return sorted(node.keys()) if isinstance(node, DictConfig) else []
+    keys = set(node.keys()) if isinstance(node, DictConfig) else set()
+    if not path:  # config groups such as experiment leave no node of their own
+        keys |= {p.name for p in CONF_DIR.iterdir() if p.is_dir()}
+    return sorted(keys)
 
 
 def _did_you_mean(word: str, choices: list[str]) -> str:

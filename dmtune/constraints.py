@@ -238,7 +238,9 @@ def check_producible(tokenizer: PreTrainedTokenizerBase, words: Iterable[str]) -
     if not missing:
         return
     vocab = sorted(tokenizer.get_vocab())
-    shown_vocab = ", ".join(vocab[:_SHOWN_VOCABULARY]) + (", ..." if len(vocab) > _SHOWN_VOCABULARY else "")
+    shown_vocab = ", ".join(vocab[:_SHOWN_VOCABULARY])
+    if len(vocab) > _SHOWN_VOCABULARY:
+        shown_vocab += ", ..."
     shown = ", ".join(repr(w) for w in missing[:_SHOWN_WORDS])
     more = f" (and {len(missing) - _SHOWN_WORDS} more)" if len(missing) > _SHOWN_WORDS else ""
     subject = f"word {shown}" if len(missing) == 1 else f"words {shown}{more}"
@@ -251,7 +253,9 @@ def check_producible(tokenizer: PreTrainedTokenizerBase, words: Iterable[str]) -
 # --- the registry: config kind -> constructor(name, tokenizer, **params) ---
 
 
-def _sentiment(name: str, tokenizer: PreTrainedTokenizerBase, *, threshold: float = DEFAULT_SENTIMENT_THRESHOLD) -> Feature:
+def _sentiment(
+    name: str, tokenizer: PreTrainedTokenizerBase, *, threshold: float = DEFAULT_SENTIMENT_THRESHOLD
+) -> Feature:
     return Sentiment(name, float(threshold))
 
 
@@ -273,13 +277,19 @@ def _wordlist(
     words: Iterable[str] | None = None,
 ) -> Feature:
     if (topic is None) == (words is None):
-        raise ValueError(f"feature {name!r}: give exactly one of topic ({', '.join(WORD_LISTS)}) or words")
+        raise ValueError(
+            f"feature {name!r}: give exactly one of topic ({', '.join(WORD_LISTS)}) or words"
+        )
     if topic is not None:
         if topic not in WORD_LISTS:
-            raise ValueError(f"feature {name!r}: unknown topic {topic!r}; valid topics: {', '.join(WORD_LISTS)}")
+            raise ValueError(
+                f"feature {name!r}: unknown topic {topic!r}; valid topics: {', '.join(WORD_LISTS)}"
+            )
         return WordsPresent(WORD_LISTS[topic], name)
     if isinstance(words, str):
-        raise ValueError(f"feature {name!r}: words must be a list of strings, got the string {words!r}")
+        raise ValueError(
+            f"feature {name!r}: words must be a list of strings, got the string {words!r}"
+        )
     return WordsPresent(tuple(words), name)
 
 
@@ -321,14 +331,18 @@ def feature_params(kind: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
     return required, optional
 
 
-def build_feature(name: str, kind: str, params: Mapping[str, Any], tokenizer: PreTrainedTokenizerBase) -> Feature:
+def build_feature(
+    name: str, kind: str, params: Mapping[str, Any], tokenizer: PreTrainedTokenizerBase
+) -> Feature:
     """Build the feature a constraint config describes, or raise a one-line ``ValueError``.
 
     The parameters are checked against the kind's constructor, and every word a word feature
     looks for must be writable by ``tokenizer`` (see :func:`can_produce`).
     """
     if kind not in FEATURE_KINDS:
-        raise ValueError(f"feature {name!r}: unknown kind {kind!r}; valid kinds: {', '.join(FEATURE_KINDS)}")
+        raise ValueError(
+            f"feature {name!r}: unknown kind {kind!r}; valid kinds: {', '.join(FEATURE_KINDS)}"
+        )
     required, optional = feature_params(kind)
     valid = ", ".join((*required, *(f"{p} (optional)" for p in optional))) or "none"
     unknown = sorted(set(params) - set(required) - set(optional))
@@ -337,7 +351,8 @@ def build_feature(name: str, kind: str, params: Mapping[str, Any], tokenizer: Pr
         problems = [f"unknown {', '.join(map(repr, unknown))}"] if unknown else []
         problems += [f"missing {', '.join(map(repr, missing))}"] if missing else []
         raise ValueError(
-            f"feature {name!r} of kind {kind!r}: {'; '.join(problems)} parameter(s); valid parameters: {valid}"
+            f"feature {name!r} of kind {kind!r}: {'; '.join(problems)} parameter(s); "
+            f"valid parameters: {valid}"
         )
     feature = FEATURE_KINDS[kind](name, tokenizer, **params)
     if isinstance(feature, WordsPresent):

