@@ -132,17 +132,17 @@ def gather_wordnet():
 
 
 def build_corpus(seed):
-    """Clean, deduplicate, shuffle and split the texts into (train, valid)."""
-    seen, docs = set(), []
-    for text in gather_fortunes() + gather_wordnet():
-        text = clean(text)
-        key = text.lower()
-        if is_clean(text) and key not in seen:
-            seen.add(key)
-            docs.append(text)
+    """Clean, deduplicate, shuffle, split: (train, valid, documents per source)."""
+    seen, docs, sources = set(), [], {}
+    for source, texts in (("fortunes", gather_fortunes()), ("WordNet", gather_wordnet())):
+        for text in map(clean, texts):
+            if is_clean(text) and text.lower() not in seen:
+                seen.add(text.lower())
+                docs.append(text)
+                sources[source] = sources.get(source, 0) + 1
     random.Random(seed).shuffle(docs)
     n_valid = max(1, int(VALID_FRACTION * len(docs)))
-    return docs[n_valid:], docs[:n_valid]
+    return docs[n_valid:], docs[:n_valid], sources
 
 
 def train_tokenizer(docs, vocab_size, max_length):
@@ -199,8 +199,10 @@ def lr_factor(progress):
 
 def train(model, seqs, args, pad_id):
     """Train with AdamW until the wall-clock budget is spent; returns stats."""
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95),
-                                  weight_decay=args.weight_decay)
+    params = list(model.parameters())
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": args.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95))
     rng = random.Random(args.seed)
     budget = args.minutes * 60.0
     start = last_log = time.time()
@@ -289,74 +291,61 @@ def cpu_name():
     return platform.machine()
 
 
-def write_model_card(out, info):
-    """Write ``out/README.md`` describing recipe, data, model and results."""
-    versions = "\n".join(f"- `{name}` {version}" for name, version in info["versions"].items())
-    samples = "\n".join(f"{i + 1}. `{s!r}`" for i, s in enumerate(info["samples"]))
+def write_model_card(out, args, info):
+    """Write ``out/README.md``: purpose, recipe, data, model, results, licences."""
     t, e, c = info["train"], info["eval"], info["config"]
+    command = "python scripts/build_tiny_prior.py " + " ".join(
+        f"--{key.replace('_', '-')} {value}" for key, value in vars(args).items())
+    versions = "\n".join(f"- `{name}` {version}" for name, version in info["versions"].items())
+    samples = "\n".join(f"{i + 1}. `{text!r}`" for i, text in enumerate(info["samples"]))
+    sources = ", ".join(f"{n:,} from {name}" for name, n in info["sources"].items())
     card = f"""# dmtune tiny prior
 
-A tiny GPT-2 (`GPT2LMHeadModel`) trained from scratch on English text from Debian
-packages. It is dmtune's embedded default prior: small enough to ship inside the
-package and to sample 256 x 32 tokens in seconds on a CPU, so the tool works
-offline. It is a toy language model, not a useful generator of facts.
+A tiny GPT-2 (`GPT2LMHeadModel`) trained from scratch on English text from Debian packages:
+dmtune's embedded default prior, small enough to ship in the package and to sample 256 x 32
+tokens in seconds on a CPU, so the tool works offline. A toy, not a source of facts.
 
 ## Recipe
 
-```
-{info["command"]}
-```
+`{command}`
 
-Seed {info["seed"]}; AdamW (lr {info["lr"]}, betas 0.9/0.95, weight decay
-{info["weight_decay"]}, grad clip {info["clip"]}), linear warmup over
-{WARMUP_FRACTION:.0%} of the wall-clock budget then cosine decay to
-{MIN_LR_FRACTION:.0%} of the peak, length-bucketed batches of at most
-{info["batch_tokens"]} tokens. The schedule follows wall-clock time, so the number
-of steps (and the exact weights) depend on the machine's speed.
+AdamW (betas 0.9/0.95, weight decay on matrices only, gradient clipping); linear warmup over
+{WARMUP_FRACTION:.0%} of the wall-clock budget, then cosine decay to {MIN_LR_FRACTION:.0%} of
+the peak; length-bucketed, right-padded batches of at most {args.batch_tokens} tokens. The
+schedule follows wall-clock time, so the step count (and exact weights) depend on machine load.
 
 ## Data
 
-- Fortunes: `%`-separated entries under `{FORTUNE_DIR}` (except `ascii-art`),
-  attribution lines (`-- Author`) removed, long entries split into pieces of
-  at most {MAX_PIECE_CHARS} characters at sentence ends.
-- WordNet glosses (`{WORDNET_DIR}/data.{{noun,verb,adj,adv}}`): each definition
-  and each quoted example sentence is a document.
-
-Debian package versions:
+Fortunes (`%`-separated entries under `{FORTUNE_DIR}` except `ascii-art`, attribution lines
+removed, long entries split at sentence ends into pieces of at most {MAX_PIECE_CHARS} characters)
+and WordNet glosses (`{WORDNET_DIR}/data.*`: each definition and each quoted example sentence
+is a document), from these Debian packages:
 
 {versions}
 
-Whitespace collapsed, entries with more than {MAX_NON_ASCII_FRACTION:.0%} non-ASCII
-characters or fewer than {MIN_LETTER_FRACTION:.0%} letters dropped, exact (case-insensitive)
-duplicates removed, shuffled, {VALID_FRACTION:.0%} of documents held out.
+Whitespace collapsed; entries with over {MAX_NON_ASCII_FRACTION:.0%} non-ASCII characters or
+under {MIN_LETTER_FRACTION:.0%} letters dropped; case-insensitive duplicates removed; shuffled;
+{VALID_FRACTION:.0%} held out. Documents: {sources}. Train: {info["n_train"]:,} documents,
+{info["train_tokens"]:,} tokens; valid: {info["n_valid"]:,} documents, {info["valid_tokens"]:,}
+tokens (BOS and EOS included).
 
-| split | documents | tokens (incl. BOS/EOS) |
-|---|---|---|
-| train | {info["n_train"]:,} | {info["train_tokens"]:,} |
-| valid | {info["n_valid"]:,} | {info["valid_tokens"]:,} |
+## Tokenizer and model
 
-## Tokenizer
+Byte-level BPE (`tokenizers`), {c.vocab_size} tokens, trained on the train split.
+`<|endoftext|>` (id {c.eos_token_id}) is both BOS and EOS; `<|pad|>` (id {c.pad_token_id}) is a
+distinct padding token. The tokenizer adds no special tokens itself: start sequences with
+`<|endoftext|>`, as in training (`<|endoftext|>text<|endoftext|>`). GPT-2 with {c.n_layer}
+layers, {c.n_head} heads, width {c.n_embd}, context {c.n_positions}, tied embeddings:
+{info["n_params"]:,} parameters (float32).
 
-Byte-level BPE (`tokenizers`), vocabulary {info["vocab_size"]}, trained on the train split.
-`<|endoftext|>` (id {info["eos_id"]}) is both BOS and EOS; `<|pad|>` (id {info["pad_id"]})
-is a distinct padding token. The tokenizer adds no special tokens by itself:
-sequences should start with `<|endoftext|>`, as in training.
+## Training and evaluation
 
-## Model
-
-GPT-2, {c.n_layer} layers, {c.n_head} heads, width {c.n_embd}, context {c.n_positions},
-tied input/output embeddings: {info["n_params"]:,} parameters (float32).
-
-## Training
-
-{t["seconds"] / 60:.1f} minutes on {info["hardware"]} ({info["threads"]} threads),
-{t["steps"]:,} steps, {t["tokens"]:,} tokens seen (~{t["tokens"] / info["train_tokens"]:.1f} epochs,
-{t["tokens"] / t["seconds"]:,.0f} tokens/s).
-Final train loss (mean of the last 100 steps): {t["train_loss"]:.3f}.
-
-Held-out ({e["tokens"]:,} predicted tokens, EOS included): perplexity
-**{e["ppl_token"]:.1f} per BPE token**, {e["bits_per_char"]:.3f} bits per character,
-word-level perplexity {e["ppl_word"]:.1f}.
+{t["seconds"] / 60:.1f} minutes on {info["hardware"]}, {args.threads} thread(s), shared with
+other jobs: {t["steps"]:,} steps, {t["tokens"]:,} tokens (~{t["tokens"] / info["train_tokens"]:.1f}
+epochs, {t["tokens"] / t["seconds"]:,.0f} tokens/s). Final train loss (mean of the last 100
+steps) {t["train_loss"]:.3f}. Held-out ({e["tokens"]:,} predicted tokens, EOS included):
+perplexity **{e["ppl_token"]:.1f} per BPE token**, {e["bits_per_char"]:.3f} bits per
+character, word-level perplexity {e["ppl_word"]:.0f}.
 
 ## Samples
 
@@ -364,19 +353,16 @@ Ancestral sampling, temperature 1, from `<|endoftext|>`, at most {SAMPLE_NEW_TOK
 
 {samples}
 
-## Licences
+## Licences and limitations
 
-- fortunes, fortunes-min: BSD-style licence of the BSD `fortune` program; individual
-  quotations belong to their authors (see `/usr/share/doc/fortunes*/copyright`).
-- wordnet-base: WordNet 3.0 licence (Princeton University), a permissive
-  BSD-like licence requiring the copyright notice (`/usr/share/doc/wordnet-base/copyright`).
+`fortunes`, `fortunes-min`: BSD licence of BSD fortune(6), Copyright (c) 1991 The Regents of
+the University of California; quotations belong to their authors. `wordnet-base`: WordNet 3.0
+licence, which asks for this notice on all copies: WordNet 3.0 Copyright 2006 by Princeton
+University. All rights reserved. (See `/usr/share/doc/*/copyright`.)
 
-## Limitations
-
-Tiny and trained on a few million tokens: it produces locally plausible but often
-incoherent text, mostly short dictionary-style definitions, example sentences and
-quips. It inherits the dated humour, biases and stereotypes of the fortune files.
-Do not use it for anything but testing and demonstrating dmtune.
+Tiny and trained on a few million tokens, it writes locally plausible but mostly incoherent
+text: dictionary-style definitions, example sentences and quips. It inherits the dated humour,
+biases and stereotypes of the fortune files. Only for testing and demonstrating dmtune.
 """
     (out / "README.md").write_text(card, encoding="utf-8")
 
@@ -408,12 +394,12 @@ def main():
     random.seed(args.seed)
     torch.manual_seed(args.seed)
 
-    train_docs, valid_docs = build_corpus(args.seed)
+    train_docs, valid_docs, sources = build_corpus(args.seed)
     tokenizer = train_tokenizer(train_docs, args.vocab_size, args.n_positions)
     train_seqs = encode(train_docs, tokenizer, args.n_positions)
     valid_seqs = encode(valid_docs, tokenizer, args.n_positions)
     lengths = sorted(len(s) for s in train_seqs)
-    print(f"corpus: {len(train_docs):,} train / {len(valid_docs):,} valid documents, "
+    print(f"corpus: {sources}; {len(train_docs):,} train / {len(valid_docs):,} valid documents, "
           f"{sum(lengths):,} / {sum(map(len, valid_seqs)):,} tokens; doc length median "
           f"{lengths[len(lengths) // 2]}, 90th pct {lengths[int(0.9 * len(lengths))]}, "
           f"<= 34 tokens: {sum(n <= 34 for n in lengths) / len(lengths):.0%}", flush=True)
@@ -445,17 +431,11 @@ def main():
     args.out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(args.out, safe_serialization=True)
     save_tokenizer(tokenizer, args.out)
-    write_model_card(args.out, {
-        "command": "python scripts/build_tiny_prior.py " + " ".join(
-            f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()),
-        "seed": args.seed, "lr": args.lr, "weight_decay": args.weight_decay,
-        "clip": args.clip, "batch_tokens": args.batch_tokens, "threads": args.threads,
-        "versions": package_versions(), "n_train": len(train_docs),
+    write_model_card(args.out, args, {
+        "versions": package_versions(), "sources": sources, "n_train": len(train_docs),
         "n_valid": len(valid_docs), "train_tokens": sum(lengths),
-        "valid_tokens": sum(map(len, valid_seqs)), "vocab_size": len(tokenizer),
-        "eos_id": tokenizer.eos_token_id, "pad_id": tokenizer.pad_token_id,
-        "config": config, "n_params": n_params, "train": stats, "eval": ev,
-        "samples": samples,
+        "valid_tokens": sum(map(len, valid_seqs)), "config": config, "n_params": n_params,
+        "train": stats, "eval": ev, "samples": samples,
         "hardware": f"{cpu_name()} ({os.cpu_count()} cores visible)"})
     print(f"saved to {args.out}")
 
