@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dmtune.constraints import TokenCount, TokenPresent
+from dmtune.constraints import TokenCount, TokenPresent, WordsPresent
 from dmtune.exact import kl, make_toy_prior
 from dmtune.target import Target, kl_control_log_target
 from dmtune.trainer import Trainer, TrainerConfig
@@ -126,3 +126,17 @@ def test_distributional_target_must_be_fitted_before_stepping(prior):
     trainer = Trainer(model, tokenizer, target, TrainerConfig(**TOY))
     with pytest.raises(RuntimeError, match="calibrate"):
         trainer.step()
+
+
+def test_calibration_reports_base_rates_and_refuses_a_never_met_constraint(prior):
+    model, tokenizer = prior
+    trainer = Trainer(model, tokenizer, Target(pointwise=(HAS_D,)), TrainerConfig(**TOY, fit_samples=2048))
+    calibration = trainer.calibrate()
+    exact = trainer.exact_metrics()
+    rate, n = calibration["metrics"]["constraint/has_d"], calibration["fit_samples"]
+    assert abs(rate - exact["exact/constraint/has_d"]) < 4 * (rate * (1 - rate) / n) ** 0.5
+    assert calibration["metrics"]["divergence/kl_target_policy"] == pytest.approx(exact["exact/kl_target_policy"], abs=0.05)
+
+    never = Target(pointwise=(WordsPresent(("zebra",), "zebra"),))
+    with pytest.raises(ValueError, match="'zebra' holds for 0 of 2048 prior samples"):
+        Trainer(model, tokenizer, never, TrainerConfig(**TOY, fit_samples=2048)).calibrate()
