@@ -119,12 +119,13 @@ def _run_hydra_main(overrides: list[str]) -> None:
     def task(cfg: DictConfig) -> None:
         from hydra.core.hydra_config import HydraConfig
 
+        from dmtune.priors import PriorUnavailableError
         from dmtune.run import train
 
         run_dir = Path(HydraConfig.get().runtime.output_dir)
         try:
             summary = train(cfg, run_dir)
-        except ValueError as error:  # CheckpointError included
+        except (ValueError, PriorUnavailableError) as error:  # CheckpointError is a ValueError
             if os.environ.get("HYDRA_FULL_ERROR") == "1":
                 raise
             typer.echo(f"error: {str(error).splitlines()[0]}", err=True)
@@ -203,11 +204,12 @@ def sample(
     Example:
       dmtune sample outputs/2026-11-22/10-00-00_default_dpg_baseline -n 16
     """
+    from dmtune.priors import PriorUnavailableError
     from dmtune.run import sample_run
 
     try:
         rows = sample_run(run_dir, n=n, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
-    except ValueError as error:  # CheckpointError included
+    except (ValueError, PriorUnavailableError) as error:  # CheckpointError is a ValueError
         fail(str(error).splitlines()[0])
     for row in rows:
         scores = "  ".join(f"{k}={v:.3g}" for k, v in row.items() if k not in ("text", "log_prob"))

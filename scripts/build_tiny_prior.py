@@ -1,16 +1,11 @@
 #!/usr/bin/env python3
-"""Build dmtune's embedded default prior: a tiny GPT-2 trained from scratch.
+"""Build dmtune's embedded default prior: a tiny GPT-2 trained from scratch offline.
 
-The corpus is English text shipped by Debian packages (``fortunes``,
-``fortunes-min`` and ``wordnet-base``), so the asset can be rebuilt offline:
-
-    apt-get install -y fortunes fortunes-min wordnet-base
-    python scripts/build_tiny_prior.py --out dmtune/assets/tiny --minutes 25
-
-Every document is formatted as ``<|endoftext|> text <|endoftext|>``, so the
-model starts from the BOS/EOS token and learns to end its texts with EOS.
-The output folder loads with ``GPT2LMHeadModel.from_pretrained`` and
-``AutoTokenizer.from_pretrained`` and contains a model card (README.md).
+The corpus is English text from the Debian packages fortunes, fortunes-min and wordnet-base
+(``apt-get install -y fortunes fortunes-min wordnet-base``). Documents are formatted as
+``<|endoftext|>text<|endoftext|>``, so the model starts from the BOS (= EOS) token and learns
+to end its texts. ``--out`` then loads with ``GPT2LMHeadModel.from_pretrained`` and
+``AutoTokenizer.from_pretrained`` and holds a model card, README.md.
 """
 
 import argparse
@@ -41,6 +36,7 @@ SKIP_FORTUNE_FILES = {"ascii-art"}  # pictures, not text
 SKIP_FORTUNE_DIRS = {"off"}  # offensive fortunes, if fortunes-off is installed
 EOS_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|pad|>"
+SPECIAL_IDS = ("bos_token_id", "eos_token_id", "pad_token_id")
 MIN_CHARS = 12  # shorter pieces are mostly headings or fragments
 MAX_PIECE_CHARS = 160  # about 40 BPE tokens: longer fortunes are split
 MAX_SENTENCE_CHARS = 400  # single sentences longer than this are dropped
@@ -63,20 +59,15 @@ def clean(text):
 
 def is_clean(text):
     """True if ``text`` looks like ordinary English prose of a useful length."""
-    if len(text) < MIN_CHARS:
-        return False
-    if sum(not c.isascii() for c in text) > MAX_NON_ASCII_FRACTION * len(text):
-        return False
     visible = [c for c in text if not c.isspace()]
-    return sum(c.isalpha() for c in visible) >= MIN_LETTER_FRACTION * len(visible)
+    return (len(text) >= MIN_CHARS
+            and sum(not c.isascii() for c in text) <= MAX_NON_ASCII_FRACTION * len(text)
+            and sum(c.isalpha() for c in visible) >= MIN_LETTER_FRACTION * len(visible))
 
 
 def split_long(text):
-    """Split ``text`` into sentence-ish pieces of at most MAX_PIECE_CHARS.
-
-    Consecutive sentences are merged greedily while they fit; sentences longer
-    than MAX_SENTENCE_CHARS are dropped rather than cut mid-sentence.
-    """
+    """Split ``text`` at sentence ends into pieces of at most MAX_PIECE_CHARS (greedy
+    merging); sentences over MAX_SENTENCE_CHARS are dropped, not cut mid-sentence."""
     if len(text) <= MAX_PIECE_CHARS:
         return [text]
     pieces, current = [], ""
@@ -91,25 +82,18 @@ def split_long(text):
     return pieces + [current] if current else pieces
 
 
-def fortune_files():
-    """Fortune text files (no .dat/.u8 indexes, no offensive or art files)."""
-    for path in sorted(FORTUNE_DIR.rglob("*")):
-        parts = set(path.relative_to(FORTUNE_DIR).parts[:-1])
-        if (path.is_file() and not path.is_symlink() and path.suffix not in (".dat", ".u8")
-                and path.name not in SKIP_FORTUNE_FILES and not parts & SKIP_FORTUNE_DIRS):
-            yield path
-
-
 def gather_fortunes():
-    """Texts from the ``%``-separated fortune files, attributions removed."""
+    """Texts of the ``%``-separated fortune files (no indexes, art or offensive files)."""
     texts = []
-    for path in fortune_files():
-        raw = path.read_text(encoding="utf-8", errors="replace")
-        for entry in re.split(r"^%\s*$", raw, flags=re.MULTILINE):
-            lines = [line for line in entry.splitlines() if not ATTRIBUTION.match(line)]
-            body = "\n".join(lines)
-            if is_clean(clean(body)):
-                texts.extend(split_long(clean(body)))
+    for path in sorted(FORTUNE_DIR.rglob("*")):
+        subdirs = set(path.relative_to(FORTUNE_DIR).parts[:-1])
+        if (not path.is_file() or path.is_symlink() or path.suffix in (".dat", ".u8")
+                or path.name in SKIP_FORTUNE_FILES or subdirs & SKIP_FORTUNE_DIRS):
+            continue
+        for entry in re.split(r"^%\s*$", path.read_text(errors="replace"), flags=re.MULTILINE):
+            body = clean(" ".join(x for x in entry.splitlines() if not ATTRIBUTION.match(x)))
+            if is_clean(body):
+                texts.extend(split_long(body))
     return texts
 
 
@@ -231,8 +215,7 @@ def train(model, seqs, args, pad_id):
                 print(f"step {step:6d}  epoch {epoch:3d}  loss {sum(recent) / len(recent):.3f}  "
                       f"lr {optimizer.param_groups[0]['lr']:.2e}  tok/s {tokens / elapsed:7.0f}  "
                       f"{elapsed / 60:5.1f} min", flush=True)
-    seconds = time.time() - start
-    return {"steps": step, "tokens": tokens, "seconds": seconds,
+    return {"steps": step, "tokens": tokens, "seconds": time.time() - start,
             "train_loss": sum(recent) / max(1, len(recent))}
 
 
@@ -240,15 +223,11 @@ def train(model, seqs, args, pad_id):
 def evaluate(model, seqs, docs, args, pad_id):
     """Held-out perplexity per BPE token (EOS included), bits/char, word ppl."""
     model.eval()
-    nll = 0.0
-    n_tokens = 0
+    nll = n_tokens = 0
     for ids, mask, labels in make_batches(seqs, args.batch_tokens, pad_id, random.Random(0)):
-        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
-        target = labels[:, 1:]
-        nll += torch.nn.functional.cross_entropy(
-            logits.reshape(-1, logits.size(-1)), target.reshape(-1),
-            ignore_index=-100, reduction="sum").item()
-        n_tokens += int(target.ne(-100).sum())
+        n = int(labels[:, 1:].ne(-100).sum())  # predicted tokens: all but the first
+        nll += model(input_ids=ids, attention_mask=mask, labels=labels).loss.item() * n
+        n_tokens += n
     n_chars = sum(len(d) + 1 for d in docs)  # +1: EOS counts as a character
     n_words = sum(len(d.split()) + 1 for d in docs)  # +1: EOS counts as a word
     return {"ppl_token": math.exp(nll / n_tokens), "bits_per_char": nll / n_chars / math.log(2),
@@ -261,9 +240,8 @@ def sample(model, tokenizer, n, seed):
     torch.manual_seed(seed)
     model.eval()
     start = torch.full((n, 1), tokenizer.bos_token_id, dtype=torch.long)
-    out = model.generate(start, attention_mask=torch.ones_like(start), do_sample=True,
-                         top_k=0, top_p=1.0, temperature=1.0,
-                         max_new_tokens=SAMPLE_NEW_TOKENS)
+    out = model.generate(start, attention_mask=torch.ones_like(start), do_sample=True, top_k=0,
+                         top_p=1.0, temperature=1.0, max_new_tokens=SAMPLE_NEW_TOKENS)
     return [tokenizer.decode(row[1:], skip_special_tokens=True) for row in out]
 
 
@@ -283,85 +261,60 @@ def save_tokenizer(tokenizer, out):
     config_path.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
 
 
-def cpu_name():
-    """The CPU model name from /proc/cpuinfo, or the machine type."""
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.machine()
-
-
 def write_model_card(out, args, info):
     """Write ``out/README.md``: purpose, recipe, data, model, results, licences."""
     t, e, c = info["train"], info["eval"], info["config"]
     command = "python scripts/build_tiny_prior.py " + " ".join(
         f"--{key.replace('_', '-')} {value}" for key, value in vars(args).items())
-    versions = "\n".join(f"- `{name}` {version}" for name, version in info["versions"].items())
+    versions = ", ".join(f"`{name}` {version}" for name, version in info["versions"].items())
     samples = "\n".join(f"{i + 1}. `{text!r}`" for i, text in enumerate(info["samples"]))
     sources = ", ".join(f"{n:,} from {name}" for name, n in info["sources"].items())
     card = f"""# dmtune tiny prior
 
-A tiny GPT-2 (`GPT2LMHeadModel`) trained from scratch on English text from Debian packages:
-dmtune's embedded default prior, small enough to ship in the package and to sample 256 x 32
-tokens in seconds on a CPU, so the tool works offline. A toy, not a source of facts.
+A tiny GPT-2 trained from scratch on English text from Debian packages: dmtune's embedded
+default prior, small enough to ship in the package and to sample 256 x 32 tokens in seconds on
+a CPU, so the tool works offline. A toy, not a source of facts.
 
-## Recipe
+**Recipe**: `{command}`. AdamW (betas 0.9/0.95, weight decay on matrices only), linear warmup
+over {WARMUP_FRACTION:.0%} of the wall-clock budget, cosine decay to {MIN_LR_FRACTION:.0%} of
+the peak, length-bucketed batches of at most {args.batch_tokens} tokens. The schedule follows
+wall-clock time, so the step count (and the exact weights) depend on the machine and its load.
 
-`{command}`
+**Data** ({versions}): fortunes (`%`-separated entries under `{FORTUNE_DIR}` except
+`ascii-art`, attributions removed, long entries split at sentence ends into pieces of at most
+{MAX_PIECE_CHARS} characters) and WordNet glosses (`{WORDNET_DIR}/data.*`; each definition and
+each quoted example is a document). Whitespace collapsed, non-ASCII-heavy or letter-poor
+entries dropped, case-insensitive duplicates removed, shuffled, {VALID_FRACTION:.0%} held out.
+Documents: {sources}. Train {info["n_train"]:,} documents / {info["train_tokens"]:,} tokens,
+valid {info["n_valid"]:,} / {info["valid_tokens"]:,} (BOS and EOS included).
 
-AdamW (betas 0.9/0.95, weight decay on matrices only, gradient clipping); linear warmup over
-{WARMUP_FRACTION:.0%} of the wall-clock budget, then cosine decay to {MIN_LR_FRACTION:.0%} of
-the peak; length-bucketed, right-padded batches of at most {args.batch_tokens} tokens. The
-schedule follows wall-clock time, so the step count (and exact weights) depend on machine load.
+**Tokenizer**: byte-level BPE (`tokenizers`), {c.vocab_size} tokens; `<|endoftext|>` (id
+{c.eos_token_id}) is both BOS and EOS, `<|pad|>` (id {c.pad_token_id}) pads. It adds no special
+tokens itself: start sequences with `<|endoftext|>` as in training. **Model**: `GPT2LMHeadModel`,
+{c.n_layer} layers, {c.n_head} heads, width {c.n_embd}, context {c.n_positions}, tied
+embeddings, {info["n_params"]:,} parameters (float32).
 
-## Data
+**Training**: {t["seconds"] / 60:.1f} minutes on {info["hardware"]}, {args.threads} thread(s)
+(cores shared with other jobs): {t["steps"]:,} steps, {t["tokens"]:,} tokens
+(~{t["tokens"] / info["train_tokens"]:.1f} epochs, {t["tokens"] / t["seconds"]:,.0f} tokens/s).
+Final train loss (mean of the last 100 steps) {t["train_loss"]:.3f}.
 
-Fortunes (`%`-separated entries under `{FORTUNE_DIR}` except `ascii-art`, attribution lines
-removed, long entries split at sentence ends into pieces of at most {MAX_PIECE_CHARS} characters)
-and WordNet glosses (`{WORDNET_DIR}/data.*`: each definition and each quoted example sentence
-is a document), from these Debian packages:
+**Held-out** ({e["tokens"]:,} predicted tokens, EOS included): perplexity
+**{e["ppl_token"]:.1f} per BPE token**, {e["bits_per_char"]:.3f} bits per character,
+word-level perplexity {e["ppl_word"]:.0f}.
 
-{versions}
-
-Whitespace collapsed; entries with over {MAX_NON_ASCII_FRACTION:.0%} non-ASCII characters or
-under {MIN_LETTER_FRACTION:.0%} letters dropped; case-insensitive duplicates removed; shuffled;
-{VALID_FRACTION:.0%} held out. Documents: {sources}. Train: {info["n_train"]:,} documents,
-{info["train_tokens"]:,} tokens; valid: {info["n_valid"]:,} documents, {info["valid_tokens"]:,}
-tokens (BOS and EOS included).
-
-## Tokenizer and model
-
-Byte-level BPE (`tokenizers`), {c.vocab_size} tokens, trained on the train split.
-`<|endoftext|>` (id {c.eos_token_id}) is both BOS and EOS; `<|pad|>` (id {c.pad_token_id}) is a
-distinct padding token. The tokenizer adds no special tokens itself: start sequences with
-`<|endoftext|>`, as in training (`<|endoftext|>text<|endoftext|>`). GPT-2 with {c.n_layer}
-layers, {c.n_head} heads, width {c.n_embd}, context {c.n_positions}, tied embeddings:
-{info["n_params"]:,} parameters (float32).
-
-## Training and evaluation
-
-{t["seconds"] / 60:.1f} minutes on {info["hardware"]}, {args.threads} thread(s), shared with
-other jobs: {t["steps"]:,} steps, {t["tokens"]:,} tokens (~{t["tokens"] / info["train_tokens"]:.1f}
-epochs, {t["tokens"] / t["seconds"]:,.0f} tokens/s). Final train loss (mean of the last 100
-steps) {t["train_loss"]:.3f}. Held-out ({e["tokens"]:,} predicted tokens, EOS included):
-perplexity **{e["ppl_token"]:.1f} per BPE token**, {e["bits_per_char"]:.3f} bits per
-character, word-level perplexity {e["ppl_word"]:.0f}.
-
-## Samples
-
-Ancestral sampling, temperature 1, from `<|endoftext|>`, at most {SAMPLE_NEW_TOKENS} new tokens:
+**Samples** (ancestral, temperature 1, from `<|endoftext|>`, at most {SAMPLE_NEW_TOKENS} new
+tokens):
 
 {samples}
 
-## Licences and limitations
+**Licences**: `fortunes`, `fortunes-min`: BSD licence of BSD fortune(6), Copyright (c) 1991
+The Regents of the University of California; quotations belong to their authors.
+`wordnet-base`: WordNet 3.0 licence, which asks for this notice on all copies: WordNet 3.0
+Copyright 2006 by Princeton University. All rights reserved. See `/usr/share/doc/*/copyright`.
 
-`fortunes`, `fortunes-min`: BSD licence of BSD fortune(6), Copyright (c) 1991 The Regents of
-the University of California; quotations belong to their authors. `wordnet-base`: WordNet 3.0
-licence, which asks for this notice on all copies: WordNet 3.0 Copyright 2006 by Princeton
-University. All rights reserved. (See `/usr/share/doc/*/copyright`.)
-
-Tiny and trained on a few million tokens, it writes locally plausible but mostly incoherent
-text: dictionary-style definitions, example sentences and quips. It inherits the dated humour,
+**Limitations**: tiny and trained on a few million tokens, it writes locally plausible but
+mostly incoherent text (definitions, example sentences, quips), and inherits the dated humour,
 biases and stereotypes of the fortune files. Only for testing and demonstrating dmtune.
 """
     (out / "README.md").write_text(card, encoding="utf-8")
@@ -377,13 +330,13 @@ def parse_args():
     p.add_argument("--vocab-size", type=int, default=4096)
     p.add_argument("--n-positions", type=int, default=128)
     p.add_argument("--n-embd", type=int, default=192)
-    p.add_argument("--n-layer", type=int, default=6)
-    p.add_argument("--n-head", type=int, default=6)
+    p.add_argument("--n-layer", type=int, default=4)
+    p.add_argument("--n-head", type=int, default=4)
     p.add_argument("--dropout", type=float, default=0.0)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--weight-decay", type=float, default=0.1)
     p.add_argument("--clip", type=float, default=1.0)
-    p.add_argument("--batch-tokens", type=int, default=4096)
+    p.add_argument("--batch-tokens", type=int, default=512)
     return p.parse_args()
 
 
@@ -391,29 +344,23 @@ def main():
     """Build the corpus and tokenizer, train, evaluate and save the prior."""
     args = parse_args()
     torch.set_num_threads(args.threads)
-    random.seed(args.seed)
     torch.manual_seed(args.seed)
-
     train_docs, valid_docs, sources = build_corpus(args.seed)
     tokenizer = train_tokenizer(train_docs, args.vocab_size, args.n_positions)
     train_seqs = encode(train_docs, tokenizer, args.n_positions)
     valid_seqs = encode(valid_docs, tokenizer, args.n_positions)
     lengths = sorted(len(s) for s in train_seqs)
-    print(f"corpus: {sources}; {len(train_docs):,} train / {len(valid_docs):,} valid documents, "
-          f"{sum(lengths):,} / {sum(map(len, valid_seqs)):,} tokens; doc length median "
-          f"{lengths[len(lengths) // 2]}, 90th pct {lengths[int(0.9 * len(lengths))]}, "
-          f"<= 34 tokens: {sum(n <= 34 for n in lengths) / len(lengths):.0%}", flush=True)
+    print(f"corpus: {sources}; {len(train_docs):,} train / {len(valid_docs):,} valid docs, "
+          f"{sum(lengths):,} / {sum(map(len, valid_seqs)):,} tokens; doc tokens: median "
+          f"{lengths[len(lengths) // 2]}, 90th percentile {lengths[int(0.9 * len(lengths))]}")
 
+    special = {key: getattr(tokenizer, key) for key in SPECIAL_IDS}
     config = GPT2Config(
         vocab_size=len(tokenizer), n_positions=args.n_positions, n_embd=args.n_embd,
         n_layer=args.n_layer, n_head=args.n_head, resid_pdrop=args.dropout,
-        embd_pdrop=args.dropout, attn_pdrop=args.dropout, tie_word_embeddings=True,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id)
+        embd_pdrop=args.dropout, attn_pdrop=args.dropout, tie_word_embeddings=True, **special)
     model = GPT2LMHeadModel(config)
-    n_params = model.num_parameters()
-    print(f"model: {n_params:,} parameters", flush=True)
-
+    print(f"model: {model.num_parameters():,} parameters", flush=True)
     stats = train(model, train_seqs, args, tokenizer.pad_token_id)
     print(f"trained {stats['steps']} steps in {stats['seconds'] / 60:.1f} min, "
           f"final train loss {stats['train_loss']:.3f}", flush=True)
@@ -421,22 +368,19 @@ def main():
     print(f"held-out: ppl/token {ev['ppl_token']:.2f}  bits/char {ev['bits_per_char']:.4f}  "
           f"ppl/word {ev['ppl_word']:.2f}", flush=True)
 
-    model.generation_config = GenerationConfig(
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id)
+    model.generation_config = GenerationConfig(**special)
     samples = sample(model, tokenizer, N_CARD_SAMPLES, args.seed)
-    for text in samples:
-        print("sample:", repr(text))
-
+    print("\n".join(f"sample: {text!r}" for text in samples))
     args.out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(args.out, safe_serialization=True)
     save_tokenizer(tokenizer, args.out)
     write_model_card(args.out, args, {
         "versions": package_versions(), "sources": sources, "n_train": len(train_docs),
         "n_valid": len(valid_docs), "train_tokens": sum(lengths),
-        "valid_tokens": sum(map(len, valid_seqs)), "config": config, "n_params": n_params,
+        "valid_tokens": sum(map(len, valid_seqs)), "config": config,
+        "n_params": model.num_parameters(),
         "train": stats, "eval": ev, "samples": samples,
-        "hardware": f"{cpu_name()} ({os.cpu_count()} cores visible)"})
+        "hardware": f"{platform.machine()} CPU, {os.cpu_count()} cores"})
     print(f"saved to {args.out}")
 
 

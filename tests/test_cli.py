@@ -145,3 +145,15 @@ def test_resume_after_sigterm_reproduces_the_uninterrupted_run(tmp_path):
     assert [m["step"] for m in resumed] == list(range(11))
     for a, b in zip(reference, resumed):
         assert {k: v for k, v in a.items() if not k.startswith("perf/")} == {k: v for k, v in b.items() if not k.startswith("perf/")}
+
+
+def test_a_prior_that_cannot_be_loaded_is_one_line(tmp_path):
+    result = dmtune("train", f"model.name_or_path={tmp_path / 'nothing_here'}", f"hydra.run.dir={tmp_path / 'run'}", "logger=none")
+    assert result.exit_code == 2
+    assert result.stderr.strip().count("\n") == 0 and "error: " in result.stderr and "nothing_here" in result.stderr
+
+
+def test_a_word_the_tokenizer_cannot_produce_is_one_line(tmp_path):
+    result = dmtune("train", "experiment=toy", "constraint=word", f"hydra.run.dir={tmp_path / 'run'}", "logger=none")
+    assert result.exit_code == 2
+    assert result.stderr.strip().count("\n") == 0 and "'amazing' cannot be produced by the tokenizer" in result.stderr
