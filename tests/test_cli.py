@@ -157,3 +157,27 @@ def test_a_word_the_tokenizer_cannot_produce_is_one_line(tmp_path):
     result = dmtune("train", "experiment=toy", "constraint=word", f"hydra.run.dir={tmp_path / 'run'}", "logger=none")
     assert result.exit_code == 2
     assert result.stderr.strip().count("\n") == 0 and "'amazing' cannot be produced by the tokenizer" in result.stderr
+
+
+@needs_tiny
+@pytest.mark.parametrize("option", _options("constraint"))
+def test_every_constraint_option_builds_its_target_on_the_tiny_tokenizer(option):
+    from transformers import AutoTokenizer
+
+    from dmtune.cli import compose_config
+    from dmtune.exact import make_toy_tokenizer
+    from dmtune.run import build_target
+
+    toy = option.startswith("toy")  # toy constraints name toy tokens
+    cfg = compose_config([f"constraint={option}", *(["model=toy"] if toy else [])])
+    tokenizer = make_toy_tokenizer() if toy else AutoTokenizer.from_pretrained(TINY_PRIOR_DIR)
+    target = build_target(cfg, tokenizer)
+    roles = {name: f.role for name, f in cfg.constraint.features.items()}
+    assert [f.name for f in target.pointwise] == [n for n, r in roles.items() if r == "pointwise"]
+    assert [f.name for f in target.distributional] == [n for n, r in roles.items() if r == "distributional"]
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the message on a machine without a GPU")
+def test_cuda_without_a_gpu_is_one_line(tmp_path):
+    result = dmtune("train", "device=cuda", "experiment=toy", f"hydra.run.dir={tmp_path / 'run'}", "logger=none")
+    assert result.exit_code == 2 and "torch sees no CUDA GPU; use device=cpu" in result.stderr
