@@ -99,35 +99,44 @@ def distinct_n(texts: Sequence[str], n: int) -> float:
     return len(set(grams)) / len(grams) if grams else 0.0
 
 
-def bleu(hypothesis: Sequence[str], references: Sequence[Sequence[str]], max_n: int = 4) -> float:
-    """Sentence BLEU+1 (Lin & Och 2004): add-one smoothing of the n ≥ 2 precisions."""
-    if not hypothesis:
+def _ngram_counts(words: Sequence[str], max_n: int) -> list[Counter]:
+    """Counts of the 1..max_n-grams of one text."""
+    return [Counter(_ngrams(words, n)) for n in range(1, max_n + 1)]
+
+
+def _bleu_from_counts(hyp: list[Counter], hyp_len: int, refs: Sequence[list[Counter]], ref_lens: Sequence[int]) -> float:
+    if hyp_len == 0:
         return 0.0
     log_precision = 0.0
-    for n in range(1, max_n + 1):
-        hyp = Counter(_ngrams(hypothesis, n))
-        max_ref: Counter = Counter()
-        for ref in references:
-            for gram, count in Counter(_ngrams(ref, n)).items():
-                max_ref[gram] = max(max_ref[gram], count)
-        clipped = sum(min(count, max_ref[gram]) for gram, count in hyp.items())
+    for n, hyp_counts in enumerate(hyp, start=1):
+        clipped = sum(min(count, max(ref[n - 1][gram] for ref in refs)) for gram, count in hyp_counts.items())
         smoothing = 1 if n > 1 else 0
         if clipped + smoothing == 0:
             return 0.0
-        log_precision += math.log((clipped + smoothing) / (sum(hyp.values()) + smoothing)) / max_n
-    closest = min((abs(len(r) - len(hypothesis)), len(r)) for r in references)[1] if references else 0
-    brevity = min(0.0, 1 - closest / len(hypothesis))
-    return math.exp(log_precision + brevity)
+        log_precision += math.log((clipped + smoothing) / (sum(hyp_counts.values()) + smoothing)) / len(hyp)
+    closest = min((abs(length - hyp_len), length) for length in ref_lens)[1] if ref_lens else 0
+    return math.exp(log_precision + min(0.0, 1 - closest / hyp_len))
+
+
+def bleu(hypothesis: Sequence[str], references: Sequence[Sequence[str]], max_n: int = 4) -> float:
+    """Sentence BLEU+1 (Lin & Och 2004): add-one smoothing of the n ≥ 2 precisions."""
+    refs = [_ngram_counts(r, max_n) for r in references]
+    return _bleu_from_counts(_ngram_counts(hypothesis, max_n), len(hypothesis), refs, [len(r) for r in references])
 
 
 def self_bleu(texts: Sequence[str], max_n: int = 4, max_hypotheses: int = 64) -> float:
     """Self-BLEU (Zhu et al. 2018): mean BLEU of each text against the others; high = repetitive.
 
     Only the first ``max_hypotheses`` texts are scored (each against all others) to bound the
-    quadratic cost.
+    quadratic cost; every text's n-gram counts are computed once.
     """
     words = [text.split() for text in texts]
     if len(words) < 2:
         return 0.0
-    scores = [bleu(words[i], words[:i] + words[i + 1 :], max_n) for i in range(min(len(words), max_hypotheses))]
+    counts = [_ngram_counts(w, max_n) for w in words]
+    lengths = [len(w) for w in words]
+    scores = [
+        _bleu_from_counts(counts[i], lengths[i], counts[:i] + counts[i + 1 :], lengths[:i] + lengths[i + 1 :])
+        for i in range(min(len(words), max_hypotheses))
+    ]
     return sum(scores) / len(scores)
