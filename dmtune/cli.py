@@ -32,6 +32,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # Hydra's list syntax [a,b] is not markup
 )
 
 OVERRIDES = typer.Argument(None, help="Hydra overrides, e.g. objective=kl_dpg constraint=sentiment train.steps=100", show_default=False)
@@ -166,11 +167,11 @@ def train(overrides: Optional[List[str]] = OVERRIDES) -> None:
 
     \b
     Examples:
-      dmtune train                                   # GDC++ toward positive sentiment, tiny prior
+      dmtune train                          # GDC++, positive sentiment, tiny prior
       dmtune train objective=kl_dpg constraint=sentiment
       dmtune train objective=reinforce train.steps=50 logger=none
-      dmtune train model=toy constraint=toy_token   # exact KL(p‖π) in metrics.jsonl
-      dmtune train constraint=[sentiment,word]      # several constraints at once
+      dmtune train experiment=toy           # exact KL(p‖π) in metrics.jsonl
+      dmtune train 'constraint=[sentiment,word]'   # quoted: [] is a shell glob
       dmtune train resume=outputs/2026-11-22/10-00-00_default_dpg_baseline
     """
     overrides = _resume_overrides(list(overrides or []))
