@@ -381,6 +381,8 @@ def main():
         "n_params": model.num_parameters(),
         "train": stats, "eval": ev, "samples": samples,
         "hardware": f"{platform.machine()} CPU, {os.cpu_count()} cores"})
+    for path in args.out.iterdir():
+        path.chmod(0o644)  # the weights are written as a private temp file; ship them readable
     print(f"saved to {args.out}")
 
 
