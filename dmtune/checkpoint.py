@@ -47,5 +47,6 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         # our own files: they hold optimizer state and RNG states, not just tensors
         return torch.load(path, map_location=map_location, weights_only=False)
     except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, OSError) as error:
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise CheckpointError(f"checkpoint {path} is corrupt or truncated ({first_line})") from error
+        text = str(error).strip()
+        reason = text.splitlines()[0].split(". ")[0][:120] if text else type(error).__name__
+        raise CheckpointError(f"checkpoint {path} is corrupt or truncated ({reason}); restore a copy or start a new run") from error

@@ -17,8 +17,14 @@ import typer
 from hydra import compose, initialize_config_dir
 from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
+from transformers.utils import logging as hf_logging
 
 from dmtune.config import register_configs, validate
+
+# The CLI shows its own progress bar and summary; transformers' loading/saving bars and
+# advice messages would only interleave with them.
+hf_logging.set_verbosity_error()
+hf_logging.disable_progress_bar()
 
 CONF_DIR = Path(__file__).parent / "conf"
 EXIT_USAGE = 2

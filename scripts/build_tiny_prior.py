@@ -43,7 +43,7 @@ MAX_SENTENCE_CHARS = 400  # single sentences longer than this are dropped
 MIN_LETTER_FRACTION = 0.7  # of non-space characters; filters ASCII art, tables
 MAX_NON_ASCII_FRACTION = 0.02
 VALID_FRACTION = 0.02
-WARMUP_FRACTION = 0.03  # of the wall-clock budget
+WARMUP_FRACTION = 0.03  # of the budget (steps, or wall-clock time)
 MIN_LR_FRACTION = 0.1  # cosine decays to this fraction of the peak rate
 LOG_EVERY_SECONDS = 30.0
 N_CARD_SAMPLES = 5
@@ -182,21 +182,24 @@ def lr_factor(progress):
 
 
 def train(model, seqs, args, pad_id):
-    """Train with AdamW until the wall-clock budget is spent; returns stats."""
+    """Train with AdamW until the step (or else wall-clock) budget is spent; returns stats."""
     params = list(model.parameters())
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": args.weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
     optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95))
     rng = random.Random(args.seed)
-    budget = args.minutes * 60.0
     start = last_log = time.time()
     step = epoch = tokens = 0
     recent = []
+
+    def used():  # fraction of the budget spent: of the steps if given, else of the clock
+        return step / args.steps if args.steps else (time.time() - start) / (args.minutes * 60)
+
     model.train()
-    while time.time() - start < budget:
+    while used() < 1.0:
         epoch += 1
         for ids, mask, labels in make_batches(seqs, args.batch_tokens, pad_id, rng):
-            progress = (time.time() - start) / budget
+            progress = used()
             if progress >= 1.0:
                 break
             for group in optimizer.param_groups:
@@ -264,8 +267,14 @@ def save_tokenizer(tokenizer, out):
 def write_model_card(out, args, info):
     """Write ``out/README.md``: purpose, recipe, data, model, results, licences."""
     t, e, c = info["train"], info["eval"], info["config"]
+    recipe = {k: v for k, v in vars(args).items() if k != "minutes"} | {"steps": t["steps"]}
     command = "python scripts/build_tiny_prior.py " + " ".join(
-        f"--{key.replace('_', '-')} {value}" for key, value in vars(args).items())
+        f"--{key.replace('_', '-')} {value}" for key, value in recipe.items())
+    schedule = ("The schedule follows the step count, so with the same torch version and thread "
+                "count this recipe reproduces the weights bit for bit." if args.steps else
+                f"This run had a {args.minutes:g}-minute wall-clock budget ({t['steps']:,} steps) "
+                "and its schedule followed elapsed time; the recipe's step budget rebuilds that "
+                "schedule deterministically, but its weights may differ slightly from this run's.")
     versions = ", ".join(f"`{name}` {version}" for name, version in info["versions"].items())
     samples = "\n".join(f"{i + 1}. `{text!r}`" for i, text in enumerate(info["samples"]))
     sources = ", ".join(f"{n:,} from {name}" for name, n in info["sources"].items())
@@ -276,9 +285,8 @@ default prior, small enough to ship in the package and to sample 256 x 32 tokens
 a CPU, so the tool works offline. A toy, not a source of facts.
 
 **Recipe**: `{command}`. AdamW (betas 0.9/0.95, weight decay on matrices only), linear warmup
-over {WARMUP_FRACTION:.0%} of the wall-clock budget, cosine decay to {MIN_LR_FRACTION:.0%} of
-the peak, length-bucketed batches of at most {args.batch_tokens} tokens. The schedule follows
-wall-clock time, so the step count (and the exact weights) depend on the machine and its load.
+over {WARMUP_FRACTION:.0%} of the budget, cosine decay to {MIN_LR_FRACTION:.0%} of
+the peak, length-bucketed batches of at most {args.batch_tokens} tokens. {schedule}
 
 **Data** ({versions}): fortunes (`%`-separated entries under `{FORTUNE_DIR}` except
 `ascii-art`, attributions removed, long entries split at sentence ends into pieces of at most
@@ -294,10 +302,10 @@ tokens itself: start sequences with `<|endoftext|>` as in training. **Model**: `
 {c.n_layer} layers, {c.n_head} heads, width {c.n_embd}, context {c.n_positions}, tied
 embeddings, {info["n_params"]:,} parameters (float32).
 
-**Training**: {t["seconds"] / 60:.1f} minutes on {info["hardware"]}, {args.threads} thread(s)
-(cores shared with other jobs): {t["steps"]:,} steps, {t["tokens"]:,} tokens
-(~{t["tokens"] / info["train_tokens"]:.1f} epochs, {t["tokens"] / t["seconds"]:,.0f} tokens/s).
-Final train loss (mean of the last 100 steps) {t["train_loss"]:.3f}.
+**Training**: {t["seconds"] / 60:.1f} minutes on {info["hardware"]}, torch {torch.__version__},
+{args.threads} thread(s) (cores shared with other jobs): {t["steps"]:,} steps, {t["tokens"]:,}
+tokens (~{t["tokens"] / info["train_tokens"]:.1f} epochs, {t["tokens"] / t["seconds"]:,.0f}
+tokens/s). Final train loss (mean of the last 100 steps) {t["train_loss"]:.3f}.
 
 **Held-out** ({e["tokens"]:,} predicted tokens, EOS included): perplexity
 **{e["ppl_token"]:.1f} per BPE token**, {e["bits_per_char"]:.3f} bits per character,
@@ -324,7 +332,8 @@ def parse_args():
     """Command-line options."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, default=Path("dmtune/assets/tiny"))
-    p.add_argument("--minutes", type=float, default=25.0, help="training time budget")
+    p.add_argument("--minutes", type=float, default=25.0, help="wall-clock budget if no --steps")
+    p.add_argument("--steps", type=int, help="optimizer-step budget (reproducible)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--vocab-size", type=int, default=4096)
