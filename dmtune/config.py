@@ -133,7 +133,7 @@ def _number_or_word(value: str) -> float | str:
 
 def validate(cfg: DictConfig) -> None:
     """Checks beyond the schema; each failure is one line naming the value and the valid ones."""
-    from dmtune.constraints import FEATURE_KINDS
+    from dmtune.constraints import FEATURE_KINDS, check_feature_params
     from dmtune.objectives import OBJECTIVES
 
     name = cfg.objective.name
@@ -147,6 +147,7 @@ def validate(cfg: DictConfig) -> None:
         where = f"constraint.features.{feature_name}"
         if feature.kind not in FEATURE_KINDS:
             raise ValueError(f"{where}.kind={feature.kind!r} is not a feature kind; valid: {', '.join(FEATURE_KINDS)}")
+        check_feature_params(feature_name, feature.kind, feature.params)
         if feature.role not in ROLES:
             raise ValueError(f"{where}.role={feature.role!r}; valid: {', '.join(ROLES)}")
         if (feature.role == "distributional") != (feature.moment is not None):

@@ -331,14 +331,8 @@ def feature_params(kind: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
     return required, optional
 
 
-def build_feature(
-    name: str, kind: str, params: Mapping[str, Any], tokenizer: PreTrainedTokenizerBase
-) -> Feature:
-    """Build the feature a constraint config describes, or raise a one-line ``ValueError``.
-
-    The parameters are checked against the kind's constructor, and every word a word feature
-    looks for must be writable by ``tokenizer`` (see :func:`can_produce`).
-    """
+def check_feature_params(name: str, kind: str, params: Mapping[str, Any]) -> None:
+    """One-line ``ValueError`` for an unknown kind, or unknown or missing parameters."""
     if kind not in FEATURE_KINDS:
         raise ValueError(
             f"feature {name!r}: unknown kind {kind!r}; valid kinds: {', '.join(FEATURE_KINDS)}"
@@ -354,6 +348,17 @@ def build_feature(
             f"feature {name!r} of kind {kind!r}: {'; '.join(problems)} parameter(s); "
             f"valid parameters: {valid}"
         )
+
+
+def build_feature(
+    name: str, kind: str, params: Mapping[str, Any], tokenizer: PreTrainedTokenizerBase
+) -> Feature:
+    """Build the feature a constraint config describes, or raise a one-line ``ValueError``.
+
+    The parameters are checked against the kind's constructor, and every word a word feature
+    looks for must be writable by ``tokenizer`` (see :func:`can_produce`).
+    """
+    check_feature_params(name, kind, params)
     feature = FEATURE_KINDS[kind](name, tokenizer, **params)
     if isinstance(feature, WordsPresent):
         check_producible(tokenizer, feature.words)

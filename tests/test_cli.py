@@ -63,6 +63,7 @@ def test_constraints_compose_into_one_set():
         ("objective.beta=0.1", "objective.beta is set but dpg_baseline takes no beta"),
         ("constraint.features.positive.kind=sentimental", "is not a feature kind; valid: sentiment"),
         ("device.name=tpu", "device.name='tpu'; valid: auto, cpu, cuda"),
+        ("+constraint.features.positive.params.threshhold=0.3", "unknown 'threshhold' parameter(s); valid parameters: threshold"),
     ],
 )
 def test_bad_overrides_fail_in_one_line_naming_the_choices(override, expected):
