@@ -25,7 +25,7 @@ from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 from dmtune.sampling import Samples
 
 # VADER's compound score above this counts as clearly positive (VADER's authors use 0.05 for
-# "positive at all"; 0.5 keeps about 8% of the tiny prior's samples).
+# "positive at all"; 0.5 keeps about 5% of the tiny prior's samples).
 DEFAULT_SENTIMENT_THRESHOLD = 0.5
 _SHOWN_VOCABULARY = 20  # vocabulary entries an error message lists
 _SHOWN_WORDS = 5  # unproducible words an error message lists
