@@ -151,18 +151,21 @@ def _run_hydra_main(overrides: list[str]) -> None:
 
 
 def print_summary(summary: dict[str, Any]) -> None:
-    """The one-screen end-of-run summary."""
+    """The one-screen end-of-run summary ("n/a" where no step ran, e.g. resuming a finished run)."""
     final = summary["final"]
+
+    def shown(value: float | None) -> str:
+        return "n/a" if value is None else f"{value:.3f}"
+
     lines = [f"\n{summary['objective']}: {summary['steps']} steps, {summary['samples_seen']} samples in {summary['wall_s']:.0f} s"]
     for key, base in summary["prior"].items():
         if key.endswith("_target"):
             continue
         goal = summary["prior"].get(f"{key}_target")
         goal_text = f"  (target {goal:.3g})" if goal is not None else ""
-        lines.append(f"  {key:<34} prior {base:.3f} → {final.get(key, float('nan')):.3f}{goal_text}")
+        lines.append(f"  {key:<34} prior {base:.3f} → {shown(final.get(key))}{goal_text}")
     for key in ("divergence/kl_policy_prior", "divergence/kl_target_policy", "diversity/distinct_1", "perf/samples_per_s"):
-        if final.get(key) is not None:
-            lines.append(f"  {key:<34} {final[key]:.3f}")
+        lines.append(f"  {key:<34} {shown(final.get(key))}")
     lines.append(f"  run dir: {summary['run_dir']}")
     typer.echo("\n".join(lines))
 

@@ -181,3 +181,13 @@ def test_every_constraint_option_builds_its_target_on_the_tiny_tokenizer(option)
 def test_cuda_without_a_gpu_is_one_line(tmp_path):
     result = dmtune("train", "device=cuda", "experiment=toy", f"hydra.run.dir={tmp_path / 'run'}", "logger=none")
     assert result.exit_code == 2 and "torch sees no CUDA GPU; use device=cpu" in result.stderr
+
+
+@needs_tiny
+def test_resuming_a_finished_run_changes_nothing(tmp_path):
+    run_dir = _run(tmp_path, "done", "logger=none")
+    before = (run_dir / "metrics.jsonl").read_text()
+    result = dmtune("train", f"resume={run_dir}")
+    assert result.exit_code == 0, result.output
+    assert "4 steps" in result.stdout and "n/a" in result.stdout
+    assert (run_dir / "metrics.jsonl").read_text() == before
