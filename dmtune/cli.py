@@ -10,12 +10,15 @@ import difflib
 import os
 import re
 import sys
+import time
 from pathlib import Path
 from typing import Any, List, Optional
 
 import typer
 from hydra import compose, initialize_config_dir
-from hydra.errors import HydraException
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.override_parser.types import Glob, Override
+from hydra.errors import HydraException, OverrideParseException
 from omegaconf import DictConfig, OmegaConf
 from transformers.utils import logging as hf_logging
 
@@ -71,7 +74,7 @@ def explain_compose_error(error: Exception, overrides: list[str]) -> str:
     missing = re.search(r"Could not find '([^']+)/([^']+)'", text)
     if missing:
         group, option = missing.groups()
-        options = sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+        options = _group_options(group)
         return f"{group}={option} is not an option of {group}; valid: {', '.join(options)}{_did_you_mean(option, options)}"
     unknown = re.search(r"Could not override '([^']+)'", text)
     if unknown:
@@ -116,8 +119,8 @@ def _resume_overrides(overrides: list[str]) -> list[str]:
     return [*saved, *new, f"resume={run_dir}", f"hydra.run.dir={run_dir}"]
 
 
-def _run_hydra_main(overrides: list[str]) -> None:
-    """Hand over to Hydra's own main (run dir, .hydra/, logging) with these overrides."""
+def _run_hydra_main(overrides: list[str], multirun: bool = False) -> None:
+    """Hand over to Hydra's own main (run dirs, .hydra/, launchers, sweepers) with these overrides."""
     import hydra
 
     register_configs()
@@ -143,11 +146,50 @@ def _run_hydra_main(overrides: list[str]) -> None:
             sys.exit(EXIT_INTERRUPTED)
 
     argv = sys.argv
-    sys.argv = ["dmtune", *overrides]
+    sys.argv = ["dmtune", *(["--multirun"] if multirun else []), *overrides]
     try:
         task()
     finally:
         sys.argv = argv
+
+
+def sweep_jobs(overrides: list[str]) -> list[list[str]]:
+    """Override lists that check every swept value once: each with the others at their first value.
+
+    Comma lists, ``range()`` and ``glob()`` (over a group's options) are expanded as Hydra
+    would; ``hydra...`` overrides are left to Hydra.
+    """
+    try:
+        parsed = [o for o in OverridesParser.create().parse_overrides(overrides) if not o.is_hydra_override()]
+    except OverrideParseException as error:
+        fail(str(error).strip().splitlines()[0])
+    base: list[str] = []
+    swept: list[tuple[int, str, list[str]]] = []
+    for override in parsed:
+        key = override.input_line.split("=", 1)[0]
+        if override.is_sweep_override():
+            values = _sweep_values(override, key)
+            if not values:
+                fail(f"{override.input_line} selects nothing; options of {key}: {', '.join(_group_options(key))}")
+            swept.append((len(base), key, values))
+            base.append(f"{key}={values[0]}")
+        else:
+            base.append(override.input_line)
+    jobs = [base]
+    for index, key, values in swept:
+        jobs += [[*base[:index], f"{key}={value}", *base[index + 1 :]] for value in values[1:]]
+    return jobs
+
+
+def _sweep_values(override: Override, key: str) -> list[str]:
+    value = override.value()
+    if isinstance(value, Glob):
+        return value.filter(_group_options(key))
+    return list(override.sweep_string_iterator())
+
+
+def _group_options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
 
 
 def print_summary(summary: dict[str, Any]) -> None:
@@ -186,6 +228,31 @@ def train(overrides: Optional[List[str]] = OVERRIDES) -> None:
     overrides = _resume_overrides(list(overrides or []))
     compose_config([o for o in overrides if not o.startswith("hydra.")])
     _run_hydra_main(overrides)
+
+
+@app.command(context_settings={"allow_interspersed_args": False})
+def sweep(overrides: Optional[List[str]] = OVERRIDES) -> None:
+    """Run a grid of trainings (Hydra multirun): one run dir per job, one W&B group per sweep.
+
+    \b
+    Sweep syntax is Hydra's: a,b,c lists, range(start,stop), glob(pattern) over a group.
+    Jobs land in outputs/multirun/<date>/<time>_<experiment>/<n>_<objective>_seed<seed>/.
+    \b
+    Examples:
+      dmtune sweep objective=dpg,dpg_baseline seed=0,1,2
+      dmtune sweep 'objective=glob(dpg*)' seed='range(0,3)' train.steps=50
+      dmtune sweep objective=dpg,kl_dpg hydra/launcher=joblib hydra.launcher.n_jobs=2
+    """
+    overrides = list(overrides or [])
+    if any(o.startswith("resume=") for o in overrides):
+        fail("a sweep cannot resume; resume each job with: dmtune train resume=RUN_DIR")
+    for job in sweep_jobs(overrides):
+        compose_config(job)
+    if not any(o.startswith("logger.group=") for o in overrides):
+        overrides.append(f"logger.group=sweep_{time.strftime('%Y-%m-%d_%H-%M-%S')}")
+    if "hydra/launcher=joblib" in overrides and not any(o.startswith("device.threads=") for o in overrides):
+        overrides.append("device.threads=1")  # parallel workers share the cores: one torch thread each
+    _run_hydra_main(overrides, multirun=True)
 
 
 @app.command("config")

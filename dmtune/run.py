@@ -138,7 +138,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         name=cfg.logger.name or run_dir.name,
     )
     resolved = OmegaConf.to_container(cfg, resolve=True)
-    started, history = time.perf_counter(), []
+    started, started_at, history = time.perf_counter(), time.time(), []
     with RunLogger(run_dir, options, config=resolved, resume_step=resume_step) as logger, _stop_on_signals() as stop:
         if resume_step is None:
             logger.log({"samples_seen": 0, **calibration["metrics"], **_exact(trainer)}, step=0)
@@ -161,6 +161,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         bar.close()
         save_checkpoint(trainer.state_dict(), checkpoint_path(run_dir))
         summary = _summary(trainer, calibration, history, time.perf_counter() - started, run_dir, stop.signal)
+        summary.update(started_at=started_at, finished_at=time.time())
         logger.summary(summary)
     if stop.signal is None:
         trainer.policy.save_pretrained(run_dir / "policy")
