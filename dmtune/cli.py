@@ -255,6 +255,43 @@ def sweep(overrides: Optional[List[str]] = OVERRIDES) -> None:
     _run_hydra_main(overrides, multirun=True)
 
 
+@app.command("eval")
+def evaluate(
+    run_dir: Path = typer.Argument(..., help="A run dir written by `dmtune train`.", exists=True, file_okay=False),
+    n: int = typer.Option(1024, "--n", "-n", help="Fresh samples to draw."),
+    temperature: float = typer.Option(1.0, help="Sampling temperature (1 = the policy's own distribution)."),
+    top_p: float = typer.Option(1.0, help="Nucleus sampling mass (1 = off)."),
+    top_k: int = typer.Option(0, help="Top-k sampling (0 = off)."),
+    seed: int = typer.Option(1234, help="Seed of the sampler."),
+    wandb_mode: Optional[str] = typer.Option(None, "--wandb", help="W&B mode for the eval run: online, offline, disabled (default: the run's)."),
+) -> None:
+    """Evaluate a run's last checkpoint on fresh samples; writes RUN_DIR/eval.json.
+
+    \b
+    Metrics (with standard errors): E_π[φ] per feature, KL(p‖π), KL(π‖a), TV(p,π),
+    entropy, distinct-1/2/3, self-BLEU, and exact values in exact mode (model=toy).
+    With a warped decoding, estimates about π are importance-weighted by π/q.
+    Logged to W&B as job_type=eval in the run's group.
+    \b
+    Examples:
+      dmtune eval outputs/2026-11-22/10-00-00_default_dpg_baseline
+      dmtune eval RUN_DIR -n 4096 --top-p 0.9
+    """
+    from dmtune.evaluate import evaluate_run
+    from dmtune.priors import PriorUnavailableError
+
+    try:
+        report = evaluate_run(run_dir, n=n, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, wandb_mode=wandb_mode)
+    except (ValueError, PriorUnavailableError) as error:  # CheckpointError is a ValueError
+        fail(str(error).splitlines()[0])
+    errors = report["standard_errors"]
+    typer.echo(f"step {report['step']}, {report['n']} fresh samples:")
+    for key, value in report["metrics"].items():
+        error = f" ± {errors[key]:.3g}" if key in errors else ""
+        typer.echo(f"  {key:<36} {value:.4g}{error}")
+    typer.echo(f"wrote {run_dir / 'eval.json'}")
+
+
 @app.command("config")
 def show_config(overrides: Optional[List[str]] = OVERRIDES) -> None:
     """Print the composed config for these overrides (nothing is run).

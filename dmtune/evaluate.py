@@ -1,0 +1,117 @@
+"""``dmtune eval``: the papers' metrics on fresh samples of a trained policy.
+
+Samples come from the decoding the user asks for (ancestral by default); every estimate of a
+property of π is importance-weighted by ``π/q`` when the decoding warps π, so what is reported
+is always about the policy itself. Each estimate carries its standard error; in exact mode
+(``model=toy``) the exact values are reported beside them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import OmegaConf
+
+from dmtune import estimators as est
+from dmtune.loggers import RunLogger, WandbOptions
+from dmtune.models import encode_prompts, sequence_log_probs
+from dmtune.run import load_run
+from dmtune.sampling import Decoding, sample
+from dmtune.trainer import Trainer
+
+EVAL_FILE = "eval.json"
+
+
+@torch.no_grad()
+def _draw(
+    trainer: Trainer, n: int, decoding: Decoding, seed: int
+) -> tuple[list[str], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """``n`` samples in batches of the run's batch size: texts, feature values and log-probs."""
+    generator = torch.Generator(trainer.device).manual_seed(seed)
+    texts, parts = [], {"log_q": [], "log_pi": [], "log_prior": [], "log_target": []}
+    by_name: dict[str, list[torch.Tensor]] = {}
+    for start in range(0, n, trainer.config.batch_size):
+        size = min(trainer.config.batch_size, n - start)
+        prompt_ids, prompt_mask = encode_prompts(trainer.tokenizer, [trainer.config.prompt] * size, trainer.filler_id, trainer.device)
+        batch = sample(trainer.policy, trainer.tokenizer, prompt_ids, prompt_mask, decoding, trainer.filler_id, generator)
+        scores = trainer.target.score(batch)
+        args = (batch.prompt_ids, batch.prompt_mask, batch.tokens, batch.mask)
+        log_prior = sequence_log_probs(trainer.prior, *args)
+        parts["log_q"].append(batch.log_q.double())
+        parts["log_pi"].append(sequence_log_probs(trainer.policy, *args).double())
+        parts["log_prior"].append(log_prior.double())
+        parts["log_target"].append(trainer.target.log_prob(log_prior, scores).double())
+        for name, values in scores.by_name.items():
+            by_name.setdefault(name, []).append(values.double())
+        texts += batch.texts
+    logs = {k: torch.cat(v) for k, v in parts.items()}
+    return texts, {k: torch.cat(v) for k, v in by_name.items()}, logs
+
+
+def evaluate_run(
+    run_dir: str | Path, *, n: int = 1024, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+    seed: int = 1234, wandb_mode: str | None = None,
+) -> dict[str, Any]:
+    """Evaluate a run's last checkpoint; writes ``eval.json`` in the run dir and returns it."""
+    run_dir = Path(run_dir)
+    trainer = load_run(run_dir)
+    decoding = Decoding(trainer.config.max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p)
+    texts, features, logs = _draw(trainer, n, decoding, seed)
+    # the policy, not the sampler, is what is evaluated: weight by ρ = π/q (= 1 when ancestral)
+    log_pi, log_q, log_prior, log_target = logs["log_pi"], logs["log_q"], logs["log_prior"], logs["log_target"]
+    log_z = est.log_z(log_target, log_q)
+    rho = (log_pi - log_q).exp()
+    terms = {
+        "divergence/kl_target_policy": est.kl_target_model_terms(log_target, log_q, log_pi, log_z),
+        "divergence/kl_policy_prior": est.kl_model_prior_terms(log_pi, log_prior, log_q),
+        "divergence/tv_target_policy": est.tv_target_model_terms(log_target, log_q, log_pi, log_z),
+        "diversity/entropy": rho * -log_pi,
+        **{f"constraint/{name}": rho * values for name, values in features.items()},
+    }
+    metrics = {key: t.mean().item() for key, t in terms.items()}
+    errors = {key: est.standard_error(t).item() for key, t in terms.items()}
+    metrics.update({
+        "target/log_z": log_z.item(),
+        "target/ess": est.effective_sample_size(log_target - log_q).item(),
+        "diversity/distinct_1": est.distinct_n(texts, 1),
+        "diversity/distinct_2": est.distinct_n(texts, 2),
+        "diversity/distinct_3": est.distinct_n(texts, 3),
+        "diversity/self_bleu": est.self_bleu(texts),
+    })
+    if trainer.exact_space is not None:
+        metrics.update(trainer.exact_metrics())
+    report = {
+        "step": trainer.step_count,
+        "samples_seen": trainer.samples_seen,
+        "n": n,
+        "decoding": {"temperature": temperature, "top_k": top_k, "top_p": top_p, "seed": seed},
+        "metrics": metrics,
+        "standard_errors": errors,
+        "examples": texts[:8],
+    }
+    (run_dir / EVAL_FILE).write_text(json.dumps(report, indent=1, allow_nan=True))
+    _log_to_wandb(run_dir, report, wandb_mode)
+    return report
+
+
+def _log_to_wandb(run_dir: Path, report: dict[str, Any], mode: str | None) -> None:
+    """A W&B run of ``job_type=eval`` in the training run's group (or nothing when disabled)."""
+    cfg = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
+    options = WandbOptions(
+        mode=mode or cfg.logger.mode,
+        project=cfg.logger.project,
+        entity=cfg.logger.entity,
+        group=cfg.logger.group or cfg.experiment_name,
+        job_type="eval",
+        tags=(cfg.objective.name, cfg.constraint.name, str(cfg.model.name_or_path), "eval"),
+        name=f"{run_dir.name}-eval",
+    )
+    eval_dir = run_dir / "eval"
+    with RunLogger(eval_dir, options, config=OmegaConf.to_container(cfg, resolve=True)) as logger:
+        finite = {k: v for k, v in report["metrics"].items() if math.isfinite(v)}
+        logger.log({"samples_seen": report["samples_seen"], **finite}, step=report["step"])
+        logger.summary(finite)

@@ -1,0 +1,45 @@
+"""`dmtune eval`: every metric on fresh samples, within a few standard errors of the exact values."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from dmtune.cli import app
+from dmtune.loggers import read_offline_history
+
+runner = CliRunner()
+Z_SCORE = 4.0
+
+
+@pytest.fixture(scope="module")
+def trained_toy(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("toy") / "run"
+    result = runner.invoke(app, ["train", "experiment=toy", "train.steps=60", "logger=none", "device.threads=1", f"hydra.run.dir={run_dir}"])
+    assert result.exit_code == 0, result.output
+    return run_dir
+
+
+def test_eval_matches_the_exact_values_and_logs_an_eval_run(trained_toy):
+    result = runner.invoke(app, ["eval", str(trained_toy), "-n", "4096", "--wandb", "offline"])
+    assert result.exit_code == 0, result.output
+    report = json.loads((trained_toy / "eval.json").read_text())
+    metrics, errors = report["metrics"], report["standard_errors"]
+    assert report["step"] == 60 and report["n"] == 4096
+    for key in ("diversity/distinct_1", "diversity/distinct_2", "diversity/distinct_3", "diversity/self_bleu",
+                "target/log_z", "target/ess"):
+        assert key in metrics, key
+    for key in ("divergence/kl_target_policy", "divergence/kl_policy_prior", "divergence/tv_target_policy",
+                "diversity/entropy", "constraint/has_b"):
+        exact = metrics[f"exact/{key.split('/', 1)[1]}" if not key.startswith("constraint") else f"exact/{key}"]
+        assert abs(metrics[key] - exact) < Z_SCORE * errors[key] + 1e-6, (key, metrics[key], errors[key], exact)
+        assert errors[key] > 0
+    history = read_offline_history(trained_toy / "eval")
+    assert any(row.get("_step") == 60 and "divergence/kl_policy_prior" in row for row in history)
+
+
+def test_eval_of_a_dir_that_is_not_a_run_is_one_line(tmp_path):
+    result = runner.invoke(app, ["eval", str(tmp_path)])
+    assert result.exit_code == 2 and result.stderr.strip().count("\n") == 0 and "is not a dmtune run dir" in result.stderr
