@@ -292,6 +292,31 @@ def evaluate(
     typer.echo(f"wrote {run_dir / 'eval.json'}")
 
 
+@app.command()
+def compare(
+    paths: List[Path] = typer.Argument(..., help="Run dirs or sweep dirs (searched recursively).", exists=True),
+    metric: Optional[List[str]] = typer.Option(None, "--metric", "-m", help="A metric to show (repeatable); default: constraint rates, KL(p‖π), KL(π‖a), distinct-2."),
+    out: Optional[Path] = typer.Option(None, help="Where to write compare.png/.html/.json (default: the first path)."),
+) -> None:
+    """Compare runs offline: a table of final values (mean ± std over seeds, per objective) and
+    plots against samples seen, as PNG and a self-contained HTML page.
+
+    \b
+    Examples:
+      dmtune compare outputs/multirun/2026-11-22/10-00-00_default
+      dmtune compare RUN_A RUN_B -m constraint/positive -m divergence/kl_policy_prior
+    """
+    from dmtune.compare import compare as compare_runs
+
+    target_dir = out or (paths[0] if paths[0].is_dir() else paths[0].parent)
+    try:
+        table, _ = compare_runs(list(paths), list(metric or []), target_dir)
+    except ValueError as error:
+        fail(str(error).splitlines()[0])
+    typer.echo(table)
+    typer.echo(f"wrote {target_dir / 'compare.png'}, compare.html, compare.json")
+
+
 @app.command("config")
 def show_config(overrides: Optional[List[str]] = OVERRIDES) -> None:
     """Print the composed config for these overrides (nothing is run).

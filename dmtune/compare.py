@@ -1,0 +1,159 @@
+"""``dmtune compare``: runs side by side without any server.
+
+Reads each run's ``metrics.jsonl`` (and ``eval.json`` when present), groups runs by objective,
+and reports mean ± std over the runs of a group (seeds): a terminal table of final values, a
+PNG of chosen metrics against ``samples_seen``, a self-contained HTML page and the numbers as
+JSON.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+
+from dmtune.loggers import read_jsonl
+
+DEFAULT_METRICS = ("divergence/kl_target_policy", "divergence/kl_policy_prior", "diversity/distinct_2")
+
+
+@dataclass
+class Run:
+    path: Path
+    group: str
+    history: list[dict[str, Any]]
+    evaluation: dict[str, float] | None
+
+
+def find_runs(paths: list[Path]) -> list[Run]:
+    """Every run dir (one holding metrics.jsonl and .hydra/) at or below the given paths."""
+    found = sorted({m.parent for p in paths for m in ([p / "metrics.jsonl"] if (p / "metrics.jsonl").is_file() else p.rglob("metrics.jsonl"))
+                    if (m.parent / ".hydra" / "config.yaml").is_file()})
+    if not found:
+        raise ValueError(f"no run dirs (metrics.jsonl with .hydra/config.yaml) under {', '.join(map(str, paths))}")
+    return [_load(run_dir) for run_dir in found]
+
+
+def _load(run_dir: Path) -> Run:
+    cfg = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
+    group = cfg.objective.name + (f":{cfg.objective.divergence}" if cfg.objective.get("divergence") else "")
+    evaluation = json.loads((run_dir / "eval.json").read_text())["metrics"] if (run_dir / "eval.json").is_file() else None
+    return Run(run_dir, group, read_jsonl(run_dir / "metrics.jsonl"), evaluation)
+
+
+def default_metrics(runs: list[Run]) -> list[str]:
+    """The constraint rates, then the divergences and diversity of the glossary."""
+    keys = {k for run in runs for row in run.history for k in row}
+    constraints = sorted(k for k in keys if k.startswith("constraint/") and not k.endswith("_target"))
+    return [*constraints, *(k for k in DEFAULT_METRICS if k in keys)]
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def summarise(runs: list[Run], metrics: list[str]) -> dict[str, Any]:
+    """Per group: final values (eval.json when there is one, else the last logged step) and curves."""
+    groups: dict[str, list[Run]] = {}
+    for run in runs:
+        groups.setdefault(run.group, []).append(run)
+    summary: dict[str, Any] = {}
+    for group, members in groups.items():
+        final, curves = {}, {}
+        for metric in metrics:
+            values = [_final(run, metric) for run in members]
+            values = [v for v in values if v is not None]
+            if values:
+                final[metric] = _mean_std(values)
+            curves[metric] = _curve(members, metric)
+        summary[group] = {"runs": [str(r.path) for r in members], "final": final, "curves": curves}
+    return summary
+
+
+def _final(run: Run, metric: str) -> float | None:
+    if run.evaluation is not None and metric in run.evaluation:
+        return run.evaluation[metric]
+    logged = [row[metric] for row in run.history if metric in row]
+    return logged[-1] if logged else None
+
+
+def _curve(members: list[Run], metric: str) -> list[tuple[int, float, float]]:
+    """(samples_seen, mean, std) at the sample counts every run of the group logged."""
+    per_run = [{row["samples_seen"]: row[metric] for row in run.history if metric in row} for run in members]
+    common = sorted(set.intersection(*(set(r) for r in per_run))) if per_run else []
+    return [(x, *_mean_std([r[x] for r in per_run])) for x in common]
+
+
+def format_table(summary: dict[str, Any], metrics: list[str]) -> str:
+    """A plain-text table: one row per group, mean ± std of each final metric."""
+    header = ["objective", "runs", *metrics]
+    rows = [[group, str(len(s["runs"])), *(_cell(s["final"].get(m)) for m in metrics)] for group, s in summary.items()]
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in [header, *rows]]
+    return "\n".join([lines[0], "-" * len(lines[0]), *lines[1:]])
+
+
+def _cell(value: tuple[float, float] | None) -> str:
+    return "n/a" if value is None else f"{value[0]:.4g} ± {value[1]:.2g}"
+
+
+def plot(summary: dict[str, Any], metrics: list[str], path: Path) -> None:
+    """One panel per metric: mean over seeds against samples seen, ± std shaded."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    columns = min(3, len(metrics))
+    rows = -(-len(metrics) // columns)
+    figure, axes = plt.subplots(rows, columns, figsize=(5 * columns, 3.6 * rows), squeeze=False)
+    for axis, metric in zip(axes.flat, metrics):
+        for group, s in summary.items():
+            curve = s["curves"][metric]
+            if not curve:
+                continue
+            x, mean, std = zip(*curve)
+            axis.plot(x, mean, label=group)
+            axis.fill_between(x, [m - d for m, d in zip(mean, std)], [m + d for m, d in zip(mean, std)], alpha=0.2)
+        axis.set_title(metric, fontsize=10)
+        axis.set_xlabel("samples seen")
+    for axis in list(axes.flat)[len(metrics):]:
+        axis.set_visible(False)
+    axes.flat[0].legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def write_html(summary: dict[str, Any], metrics: list[str], png: Path, path: Path) -> None:
+    """A page with the table and the plot embedded (base64), readable with no server or files beside it."""
+    head = "".join(f"<th>{html.escape(m)}</th>" for m in ["objective", "runs", *metrics])
+    body = "".join(
+        "<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in [g, str(len(s["runs"])), *(_cell(s["final"].get(m)) for m in metrics)]) + "</tr>"
+        for g, s in summary.items()
+    )
+    image = base64.b64encode(png.read_bytes()).decode()
+    path.write_text(
+        "<!doctype html><meta charset='utf-8'><title>dmtune compare</title>"
+        "<style>body{font-family:sans-serif}td,th{padding:4px 10px;border-bottom:1px solid #ccc;text-align:left}</style>"
+        f"<h1>dmtune compare</h1><p>Final values: mean ± std over the runs of each objective (eval.json when present).</p>"
+        f"<table><tr>{head}</tr>{body}</table><img alt='metrics against samples seen' src='data:image/png;base64,{image}'>"
+    )
+
+
+def compare(paths: list[Path], metrics: list[str] | None, out: Path) -> tuple[str, dict[str, Any]]:
+    """Table, PNG, HTML and JSON for the runs under ``paths``; returns the table and the numbers."""
+    runs = find_runs(paths)
+    metrics = metrics or default_metrics(runs)
+    summary = summarise(runs, metrics)
+    out.mkdir(parents=True, exist_ok=True)
+    plot(summary, metrics, out / "compare.png")
+    write_html(summary, metrics, out / "compare.png", out / "compare.html")
+    (out / "compare.json").write_text(json.dumps({"metrics": metrics, "groups": summary}, indent=1))
+    return format_table(summary, metrics), summary
