@@ -16,7 +16,6 @@ from omegaconf import MISSING, DictConfig
 
 ROLES = ("pointwise", "distributional", "reward")
 DEVICES = ("auto", "cpu", "cuda")
-DTYPES = ("float32", "bfloat16", "float16")
 
 
 @dataclass
@@ -77,7 +76,7 @@ class TrainConfig:
 @dataclass
 class DeviceConfig:
     name: str = "auto"  # auto (cuda when available), cpu, cuda, cuda:N
-    dtype: str = "float32"  # float32, bfloat16, float16 weights
+    dtype: str = "float32"  # float32, bfloat16, float16 (or float64) weights
     tf32: bool = True  # allow TF32 matmuls on Ampere+ GPUs
     threads: int = 0  # CPU threads for torch; 0 keeps torch's default
 
@@ -135,6 +134,7 @@ def validate(cfg: DictConfig) -> None:
     """Checks beyond the schema; each failure is one line naming the value and the valid ones."""
     from dmtune.constraints import FEATURE_KINDS, check_feature_params
     from dmtune.objectives import OBJECTIVES
+    from dmtune.priors import DTYPES
 
     name = cfg.objective.name
     if name not in OBJECTIVES:

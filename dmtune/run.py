@@ -70,10 +70,9 @@ def build_target(cfg: DictConfig, tokenizer: Any) -> Target:
 def build_trainer(cfg: DictConfig) -> Trainer:
     """Prior, target and trainer from a composed config."""
     device = resolve_device(cfg)
-    dtype = getattr(torch, cfg.device.dtype)
     toy = OmegaConf.to_container(cfg.model.toy, resolve=True)
     toy["words"] = tuple(toy["words"])
-    prior, tokenizer = load_prior(cfg.model.name_or_path, dtype=dtype, device=device, toy=toy)
+    prior, tokenizer = load_prior(cfg.model.name_or_path, dtype=cfg.device.dtype, device=device, toy=toy)
     target = build_target(cfg, tokenizer)
     train = cfg.train
     config = TrainerConfig(
