@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -191,3 +192,37 @@ def test_resuming_a_finished_run_changes_nothing(tmp_path):
     assert result.exit_code == 0, result.output
     assert "4 steps" in result.stdout and "n/a" in result.stdout
     assert (run_dir / "metrics.jsonl").read_text() == before
+
+
+PAPER_EXPERIMENTS = [o for o in _options("experiment") if o not in ("smoke", "toy")]
+
+
+@needs_tiny
+@pytest.mark.parametrize("experiment", PAPER_EXPERIMENTS)
+def test_every_paper_experiment_calibrates_and_steps_on_the_tiny_prior(tmp_path, experiment):
+    run_dir = tmp_path / experiment
+    result = dmtune(
+        "train", f"experiment={experiment}", "train.steps=1", "train.batch_size=64", "train.fit_samples=1024",
+        "device.threads=1", "logger=none", f"hydra.run.dir={run_dir}",
+    )
+    assert result.exit_code == 0, result.output
+    calibration = json.loads((run_dir / "calibration.json").read_text())
+    assert all(0 < v < 1 for k, v in calibration["metrics"].items() if k.startswith("constraint/") and not k.endswith("_target"))
+    if calibration["lambda_fit"] is not None:  # distributional: λ reaches the moments on the prior's samples
+        targets = [v for k, v in calibration["metrics"].items() if k.endswith("_target")]
+        assert calibration["lambda_fit"]["achieved"] == pytest.approx(targets, abs=1e-3)
+
+
+@pytest.mark.parametrize("experiment", PAPER_EXPERIMENTS)
+def test_paper_experiments_sweep_only_the_objectives_that_apply(experiment):
+    from hydra import compose, initialize_config_dir
+
+    from dmtune.config import register_configs
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("config", overrides=[f"experiment={experiment}"], return_hydra_config=True)
+    objectives = cfg.hydra.sweeper.params.objective.split(",")
+    assert set(objectives) <= set(OBJECTIVES)
+    distributional = any(f.role == "distributional" for f in cfg.constraint.features.values())
+    assert ({"reinforce", "kl_control"} & set(objectives)) == (set() if distributional else {"reinforce", "kl_control"})
