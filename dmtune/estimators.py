@@ -48,7 +48,8 @@ def tv_target_model_terms(
     log_target: torch.Tensor, log_proposal: torch.Tensor, log_model: torch.Tensor, log_z: torch.Tensor
 ) -> torch.Tensor:
     """Per-sample terms of ``TV(p, m) ≈ ½ mean_q |m/q − P/(Ẑq)|``."""
-    return 0.5 * ((log_model - log_proposal).exp() - (log_target - log_z - log_proposal).exp()).abs()
+    weight = torch.where(torch.isneginf(log_target), 0.0, (log_target - log_z - log_proposal).exp())
+    return 0.5 * ((log_model - log_proposal).exp() - weight).abs()
 
 
 def tv_target_model(

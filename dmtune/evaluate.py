@@ -2,7 +2,8 @@
 
 Samples come from the decoding the user asks for (ancestral by default); every estimate of a
 property of π is importance-weighted by ``π/q`` when the decoding warps π, so what is reported
-is always about the policy itself. Each estimate carries its standard error; in exact mode
+is always about the policy itself. ``log Z``, ``KL(p‖π)`` and ``TV(p, π)`` are estimated on a
+second set of samples, of the prior, where the target's importance weights are bounded. Each estimate carries its standard error; in exact mode
 (``model=toy``) the exact values are reported beside them.
 """
 
@@ -28,16 +29,16 @@ EVAL_FILE = "eval.json"
 
 @torch.no_grad()
 def _draw(
-    trainer: Trainer, n: int, decoding: Decoding, seed: int
+    trainer: Trainer, model: torch.nn.Module, n: int, decoding: Decoding, seed: int
 ) -> tuple[list[str], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """``n`` samples in batches of the run's batch size: texts, feature values and log-probs."""
+    """``n`` samples of ``model`` in batches of the run's batch size: texts, features, log-probs."""
     generator = torch.Generator(trainer.device).manual_seed(seed)
     texts, parts = [], {"log_q": [], "log_pi": [], "log_prior": [], "log_target": []}
     by_name: dict[str, list[torch.Tensor]] = {}
     for start in range(0, n, trainer.config.batch_size):
         size = min(trainer.config.batch_size, n - start)
         prompt_ids, prompt_mask = encode_prompts(trainer.tokenizer, [trainer.config.prompt] * size, trainer.filler_id, trainer.device)
-        batch = sample(trainer.policy, trainer.tokenizer, prompt_ids, prompt_mask, decoding, trainer.filler_id, generator)
+        batch = sample(model, trainer.tokenizer, prompt_ids, prompt_mask, decoding, trainer.filler_id, generator)
         scores = trainer.target.score(batch)
         args = (batch.prompt_ids, batch.prompt_mask, batch.tokens, batch.mask)
         log_prior = sequence_log_probs(trainer.prior, *args)
@@ -60,15 +61,19 @@ def evaluate_run(
     run_dir = Path(run_dir)
     trainer = load_run(run_dir)
     decoding = Decoding(trainer.config.max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p)
-    texts, features, logs = _draw(trainer, n, decoding, seed)
+    texts, features, logs = _draw(trainer, trainer.policy, n, decoding, seed)
     # the policy, not the sampler, is what is evaluated: weight by ρ = π/q (= 1 when ancestral)
-    log_pi, log_q, log_prior, log_target = logs["log_pi"], logs["log_q"], logs["log_prior"], logs["log_target"]
-    log_z = est.log_z(log_target, log_q)
+    log_pi, log_q, log_prior = logs["log_pi"], logs["log_q"], logs["log_prior"]
     rho = (log_pi - log_q).exp()
+    # target-side quantities on samples of the prior, whose weights P/(Z a) = b·exp(λ·φ)/Z are
+    # bounded; on the policy's samples they are heavy-tailed wherever π under-covers p
+    _, _, prior_logs = _draw(trainer, trainer.prior, n, Decoding(trainer.config.max_new_tokens), seed + 1)
+    a_target, a_q, a_pi = prior_logs["log_target"], prior_logs["log_q"], prior_logs["log_pi"]
+    log_z = est.log_z(a_target, a_q)
     terms = {
-        "divergence/kl_target_policy": est.kl_target_model_terms(log_target, log_q, log_pi, log_z),
+        "divergence/kl_target_policy": est.kl_target_model_terms(a_target, a_q, a_pi, log_z),
         "divergence/kl_policy_prior": est.kl_model_prior_terms(log_pi, log_prior, log_q),
-        "divergence/tv_target_policy": est.tv_target_model_terms(log_target, log_q, log_pi, log_z),
+        "divergence/tv_target_policy": est.tv_target_model_terms(a_target, a_q, a_pi, log_z),
         "diversity/entropy": rho * -log_pi,
         **{f"constraint/{name}": rho * values for name, values in features.items()},
     }
@@ -76,7 +81,7 @@ def evaluate_run(
     errors = {key: est.standard_error(t).item() for key, t in terms.items()}
     metrics.update({
         "target/log_z": log_z.item(),
-        "target/ess": est.effective_sample_size(log_target - log_q).item(),
+        "target/ess": est.effective_sample_size(a_target - a_q).item(),
         "diversity/distinct_1": est.distinct_n(texts, 1),
         "diversity/distinct_2": est.distinct_n(texts, 2),
         "diversity/distinct_3": est.distinct_n(texts, 3),

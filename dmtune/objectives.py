@@ -45,8 +45,11 @@ class Batch:
 
     @property
     def log_weight(self) -> torch.Tensor:
-        """log w = log P − log q − log Ẑ: importance weight of the normalised target."""
-        return self.log_target - self.log_proposal - self.log_z
+        """log w = log P − log q − log Ẑ: importance weight of the normalised target.
+
+        Exactly −inf where P = 0, even while log Ẑ is still −inf (no satisfying sample seen yet).
+        """
+        return torch.where(torch.isneginf(self.log_target), float("-inf"), self.log_target - self.log_proposal - self.log_z)
 
 
 def policy_gradient_loss(advantage: torch.Tensor, log_policy: torch.Tensor) -> torch.Tensor:

@@ -116,6 +116,12 @@ class Trainer:
                     "is unreachable by importance sampling; raise train.fit_samples, relax the constraint, or "
                     "make it distributional with a small moment"
                 )
+        if self.target.pointwise and torch.isneginf(joined.log_b).all():
+            names = ", ".join(c.name for c in self.target.pointwise)
+            raise ValueError(
+                f"the pointwise constraints {names} never hold together in {n} prior samples (each holds "
+                "alone): the target is unreachable by importance sampling; raise train.fit_samples or drop one"
+            )
         fit = None
         if self.target.distributional:
             # samples of the prior itself: log a − log q = 0, so the base weights are log b
@@ -123,6 +129,8 @@ class Trainer:
             fit = self.target.fit(zeros, zeros, joined)
         log_w = self.target.log_prob(torch.zeros(n, dtype=torch.float64, device=joined.log_b.device), joined)
         log_z = est.log_mean_exp(log_w)  # log w = log P − log a
+        # prior samples are draws of q = a: they start the running log Ẑ, finite from step 1 on
+        self.log_z.update(log_w)
         metrics = {f"constraint/{name}": values.double().mean().item() for name, values in by_name.items()}
         for feature, moment in zip(self.target.distributional, self._moments()):
             metrics[f"constraint/{feature.name}_target"] = float(moment)

@@ -180,3 +180,15 @@ def test_objectives_are_pure_and_only_log_pi_carries_gradient():
 def test_unknown_objective_names_the_valid_ones():
     with pytest.raises(ValueError, match="unknown objective 'dpgg'; valid: reinforce, kl_control, dpg"):
         get_objective("dpgg")
+
+
+def test_no_satisfying_sample_and_an_unseen_z_give_zero_weights_not_nan():
+    batch = _random_batch()
+    nothing = float("-inf")
+    empty = Batch(batch.log_policy, batch.log_proposal, batch.log_prior, torch.full_like(batch.log_prior, nothing),
+                  torch.tensor(nothing, dtype=torch.float64), batch.reward)
+    assert (empty.log_weight == nothing).all()
+    for name in ("dpg", "dpg_baseline", "kl_dpg"):
+        loss, _ = OBJECTIVES[name].loss(empty)
+        (grad,) = torch.autograd.grad(loss, empty.log_policy)
+        assert torch.isfinite(grad).all(), name

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import pytest
 import torch
 
@@ -140,3 +142,21 @@ def test_calibration_reports_base_rates_and_refuses_a_never_met_constraint(prior
     never = Target(pointwise=(WordsPresent(("zebra",), "zebra"),))
     with pytest.raises(ValueError, match="'zebra' holds for 0 of 2048 prior samples"):
         Trainer(model, tokenizer, never, TrainerConfig(**TOY, fit_samples=2048)).calibrate()
+
+
+@dataclass(frozen=True)
+class Lacks:
+    """1 when a token is absent: the complement of TokenPresent, for contradictory constraint sets."""
+
+    token_id: int
+    name: str
+
+    def __call__(self, samples):
+        return 1 - TokenPresent(self.token_id, self.name)(samples)
+
+
+def test_pointwise_constraints_that_never_hold_together_are_refused(prior):
+    model, tokenizer = prior
+    contradictory = Target(pointwise=(TokenPresent(2, "has_b"), Lacks(2, "lacks_b")))
+    with pytest.raises(ValueError, match="has_b, lacks_b never hold together in 1024 prior samples"):
+        Trainer(model, tokenizer, contradictory, TrainerConfig(**TOY, fit_samples=1024)).calibrate()
