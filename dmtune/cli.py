@@ -270,7 +270,8 @@ def evaluate(
     \b
     Metrics (with standard errors): E_π[φ] per feature, KL(p‖π), KL(π‖a), TV(p,π),
     entropy, distinct-1/2/3, self-BLEU, and exact values in exact mode (model=toy).
-    With a warped decoding, estimates about π are importance-weighted by π/q.
+    With a warped decoding, estimates about π are importance-weighted by π/q;
+    KL(p‖π), TV and log Z use n more samples, of the prior (bounded weights).
     Logged to W&B as job_type=eval in the run's group.
     \b
     Examples:
