@@ -47,6 +47,13 @@ app = typer.Typer(
 OVERRIDES = typer.Argument(None, help="Hydra overrides, e.g. objective=kl_dpg constraint=sentiment train.steps=100", show_default=False)
 
 
+# shared by the commands that read a run and sample from it (sample, eval)
+RUN_DIR = typer.Argument(..., help="A run dir written by `dmtune train`.", exists=True, file_okay=False)
+TEMPERATURE = typer.Option(1.0, help="Sampling temperature (1 = the policy's own distribution).")
+TOP_P = typer.Option(1.0, help="Nucleus sampling mass (1 = off).")
+TOP_K = typer.Option(0, help="Top-k sampling (0 = off).")
+
+
 def fail(message: str) -> None:
     """Print one line to stderr and exit with the usage error code."""
     typer.echo(f"error: {message}", err=True)
@@ -257,11 +264,11 @@ def sweep(overrides: Optional[List[str]] = OVERRIDES) -> None:
 
 @app.command("eval")
 def evaluate(
-    run_dir: Path = typer.Argument(..., help="A run dir written by `dmtune train`.", exists=True, file_okay=False),
+    run_dir: Path = RUN_DIR,
     n: int = typer.Option(1024, "--n", "-n", help="Fresh samples to draw."),
-    temperature: float = typer.Option(1.0, help="Sampling temperature (1 = the policy's own distribution)."),
-    top_p: float = typer.Option(1.0, help="Nucleus sampling mass (1 = off)."),
-    top_k: int = typer.Option(0, help="Top-k sampling (0 = off)."),
+    temperature: float = TEMPERATURE,
+    top_p: float = TOP_P,
+    top_k: int = TOP_K,
     seed: int = typer.Option(1234, help="Seed of the sampler."),
     wandb_mode: Optional[str] = typer.Option(None, "--wandb", help="W&B mode for the eval run: online, offline, disabled (default: the run's)."),
 ) -> None:
@@ -331,11 +338,11 @@ def show_config(overrides: Optional[List[str]] = OVERRIDES) -> None:
 
 @app.command()
 def sample(
-    run_dir: Path = typer.Argument(..., help="A run dir written by `dmtune train`.", exists=True, file_okay=False),
+    run_dir: Path = RUN_DIR,
     n: int = typer.Option(8, "--n", "-n", help="How many samples."),
-    temperature: float = typer.Option(1.0, help="Sampling temperature (1 = the policy's own distribution)."),
-    top_p: float = typer.Option(1.0, help="Nucleus sampling mass (1 = off)."),
-    top_k: int = typer.Option(0, help="Top-k sampling (0 = off)."),
+    temperature: float = TEMPERATURE,
+    top_p: float = TOP_P,
+    top_k: int = TOP_K,
     seed: int = typer.Option(0, help="Seed of the sampler."),
 ) -> None:
     """Print samples of a trained policy with their feature scores.
