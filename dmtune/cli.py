@@ -17,7 +17,7 @@ from typing import Any, List, Optional
 import typer
 from hydra import compose, initialize_config_dir
 from hydra.core.override_parser.overrides_parser import OverridesParser
-from hydra.core.override_parser.types import Glob, Override
+from hydra.core.override_parser.types import Glob, IntervalSweep, Override
 from hydra.errors import HydraException, OverrideParseException
 from omegaconf import DictConfig, OmegaConf
 from transformers.utils import logging as hf_logging
@@ -133,7 +133,7 @@ def _run_hydra_main(overrides: list[str], multirun: bool = False) -> None:
     register_configs()
 
     @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
-    def task(cfg: DictConfig) -> None:
+    def task(cfg: DictConfig) -> dict[str, float | None]:
         from hydra.core.hydra_config import HydraConfig
 
         from dmtune.priors import PriorUnavailableError
@@ -151,6 +151,7 @@ def _run_hydra_main(overrides: list[str], multirun: bool = False) -> None:
         if summary["stopped_by_signal"] is not None:
             typer.echo(f"stopped at step {summary['steps']}; checkpoint saved; resume with: dmtune train resume={run_dir}", err=True)
             sys.exit(EXIT_INTERRUPTED)
+        return summary["final"]  # a job's return value: what hydra/sweeper=optuna optimises
 
     argv = sys.argv
     sys.argv = ["dmtune", *(["--multirun"] if multirun else []), *overrides]
@@ -160,11 +161,12 @@ def _run_hydra_main(overrides: list[str], multirun: bool = False) -> None:
         sys.argv = argv
 
 
-def sweep_jobs(overrides: list[str]) -> list[list[str]]:
+def sweep_jobs(overrides: list[str], searching: bool = False) -> list[list[str]]:
     """Override lists that check every swept value once: each with the others at their first value.
 
     Comma lists, ``range()`` and ``glob()`` (over a group's options) are expanded as Hydra
-    would; ``hydra...`` overrides are left to Hydra.
+    would; ``interval()`` (only for a searching sweeper) by its two ends; ``hydra...``
+    overrides are left to Hydra.
     """
     try:
         parsed = [o for o in OverridesParser.create().parse_overrides(overrides) if not o.is_hydra_override()]
@@ -175,6 +177,8 @@ def sweep_jobs(overrides: list[str]) -> list[list[str]]:
     for override in parsed:
         key = override.input_line.split("=", 1)[0]
         if override.is_sweep_override():
+            if isinstance(override.value(), IntervalSweep) and not searching:
+                fail(f"{override.input_line} is a search interval: add hydra/sweeper=optuna, or list values (a,b,c) or range()")
             values = _sweep_values(override, key)
             if not values:
                 fail(f"{override.input_line} selects nothing; options of {key}: {', '.join(_group_options(key))}")
@@ -192,6 +196,8 @@ def _sweep_values(override: Override, key: str) -> list[str]:
     value = override.value()
     if isinstance(value, Glob):
         return value.filter(_group_options(key))
+    if isinstance(value, IntervalSweep):  # hydra/sweeper=optuna searches it; check both ends
+        return [repr(float(value.start)), repr(float(value.end))]
     return list(override.sweep_string_iterator())
 
 
@@ -201,6 +207,8 @@ def _group_options(group: str) -> list[str]:
 
 def print_summary(summary: dict[str, Any]) -> None:
     """The one-screen end-of-run summary ("n/a" where no step ran, e.g. resuming a finished run)."""
+    from dmtune.run import SHOWN
+
     final = summary["final"]
 
     def shown(value: float | None) -> str:
@@ -213,7 +221,7 @@ def print_summary(summary: dict[str, Any]) -> None:
         goal = summary["prior"].get(f"{key}_target")
         goal_text = f"  (target {goal:.3g})" if goal is not None else ""
         lines.append(f"  {key:<34} prior {base:.3f} → {shown(final.get(key))}{goal_text}")
-    for key in ("divergence/kl_policy_prior", "divergence/kl_target_policy", "diversity/distinct_1", "perf/samples_per_s"):
+    for key in SHOWN:
         lines.append(f"  {key:<34} {shown(final.get(key))}")
     lines.append(f"  run dir: {summary['run_dir']}")
     typer.echo("\n".join(lines))
@@ -238,28 +246,65 @@ def train(overrides: Optional[List[str]] = OVERRIDES) -> None:
 
 
 @app.command(context_settings={"allow_interspersed_args": False})
-def sweep(overrides: Optional[List[str]] = OVERRIDES) -> None:
+def sweep(
+    wandb_yaml: Optional[Path] = typer.Option(None, "--wandb-yaml", help="Write a W&B sweep config here instead of running (then: wandb sweep FILE; wandb agent ID)."),
+    metric: Optional[str] = typer.Option(None, help="With --wandb-yaml: the metric W&B optimises or reports, e.g. constraint/positive."),
+    goal: str = typer.Option("maximize", help="With --wandb-yaml: maximize or minimize the metric."),
+    method: Optional[str] = typer.Option(None, help="With --wandb-yaml: grid, random or bayes (default: grid, or bayes/random when an interval() is searched)."),
+    overrides: Optional[List[str]] = OVERRIDES,
+) -> None:
     """Run a grid of trainings (Hydra multirun): one run dir per job, one W&B group per sweep.
 
     \b
-    Sweep syntax is Hydra's: a,b,c lists, range(start,stop), glob(pattern) over a group.
+    Sweep syntax is Hydra's: a,b,c lists, range(start,stop), glob(pattern) over a group;
+    interval(a,b) and tag(log,interval(a,b)) with the Optuna sweeper.
     Jobs land in outputs/multirun/<date>/<time>_<experiment>/<n>_<objective>_seed<seed>/.
+    Launchers: basic (one job after another), joblib (parallel local jobs, one torch thread
+    each), slurm (submitit; pip install 'dmtune[slurm]').
     \b
     Examples:
       dmtune sweep objective=dpg,dpg_baseline seed=0,1,2
       dmtune sweep 'objective=glob(dpg*)' seed='range(0,3)' train.steps=50
       dmtune sweep objective=dpg,kl_dpg hydra/launcher=joblib hydra.launcher.n_jobs=2
+      dmtune sweep experiment=sentiment size=paper hydra/launcher=slurm hydra.launcher.partition=gpu
+      dmtune sweep hydra/sweeper=optuna hydra.sweeper.metric=constraint/positive \\
+          hydra.sweeper.n_trials=20 'train.lr=tag(log,interval(1e-5,1e-3))'
+      dmtune sweep --wandb-yaml sweep.yaml --metric constraint/positive objective=dpg,dpg_baseline seed=0,1,2
     """
     overrides = list(overrides or [])
+    if wandb_yaml is not None:
+        _write_wandb_sweep(wandb_yaml, overrides, metric, goal, method)
+        return
     if any(o.startswith("resume=") for o in overrides):
         fail("a sweep cannot resume; resume each job with: dmtune train resume=RUN_DIR")
-    for job in sweep_jobs(overrides):
+    optuna = "hydra/sweeper=optuna" in overrides
+    if optuna:
+        try:
+            import optuna as _  # noqa: F401
+        except ImportError:
+            fail("hydra/sweeper=optuna needs Optuna: pip install 'dmtune[optuna]'")
+        if not any(o.startswith("hydra.sweeper.metric=") for o in overrides):
+            fail("hydra/sweeper=optuna needs a metric to optimise, e.g. hydra.sweeper.metric=constraint/positive")
+    for job in sweep_jobs(overrides, searching=optuna):
         compose_config(job)
     if not any(o.startswith("logger.group=") for o in overrides):
         overrides.append(f"logger.group=sweep_{time.strftime('%Y-%m-%d_%H-%M-%S')}")
     if "hydra/launcher=joblib" in overrides and not any(o.startswith("device.threads=") for o in overrides):
         overrides.append("device.threads=1")  # parallel workers share the cores: one torch thread each
     _run_hydra_main(overrides, multirun=True)
+
+
+def _write_wandb_sweep(path: Path, overrides: list[str], metric: str | None, goal: str, method: str | None) -> None:
+    from dmtune.wandb_sweep import wandb_sweep_config
+
+    for job in sweep_jobs(overrides, searching=True):
+        compose_config(job)
+    try:
+        config = wandb_sweep_config(overrides, _group_options, metric=metric, goal=goal, method=method)
+    except ValueError as error:
+        fail(str(error))
+    path.write_text(OmegaConf.to_yaml(OmegaConf.create(config)))
+    typer.echo(f"wrote {path}; run it with: wandb sweep {path}  then: wandb agent <the sweep id it prints>")
 
 
 @app.command("eval")

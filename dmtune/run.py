@@ -33,6 +33,7 @@ from dmtune.trainer import Trainer, TrainerConfig
 
 CALIBRATION_FILE = "calibration.json"
 SUMMARY_WINDOW = 10  # the summary's "final" figures average this many last steps
+SHOWN = ("divergence/kl_policy_prior", "divergence/kl_target_policy", "diversity/distinct_1", "perf/samples_per_s")
 
 
 def resolve_device(cfg: DictConfig) -> torch.device:
@@ -201,6 +202,7 @@ def _summary(
         return statistics.fmean(values) if values else None
 
     features = [k for k in calibration["metrics"] if k.startswith("constraint/")]
+    logged = {k for m in window for k, v in m.items() if isinstance(v, (int, float)) and k not in ("step", "samples_seen")}
     return {
         "run_dir": str(run_dir),
         "objective": trainer.config.objective,
@@ -209,8 +211,8 @@ def _summary(
         "stopped_by_signal": stopped_by,
         "wall_s": wall_s,
         "prior": {k: calibration["metrics"][k] for k in features},
-        "final": {k: final(k) for k in (*features, "divergence/kl_policy_prior", "divergence/kl_target_policy",
-                                        "diversity/distinct_1", "perf/samples_per_s")},
+        # every logged metric (what a sweeper can optimise), the shown ones first
+        "final": {k: final(k) for k in dict.fromkeys((*features, *SHOWN, *sorted(logged)))},
     }
 
 

@@ -33,7 +33,7 @@ def _options(group: str) -> list[str]:
 
 @pytest.mark.parametrize(
     "group, option",
-    [(g, o) for g in ("model", "constraint", "objective", "device", "logger", "experiment") for o in _options(g)],
+    [(g, o) for g in ("model", "constraint", "objective", "device", "logger", "experiment", "size") for o in _options(g)],
 )
 def test_every_config_option_composes(group, option):
     result = dmtune("config", f"{group}={option}")

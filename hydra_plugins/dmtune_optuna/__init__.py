@@ -1,0 +1,1 @@
+"""dmtune's Optuna sweeper for Hydra: ``hydra/sweeper=optuna`` (needs ``pip install dmtune[optuna]``)."""
