@@ -38,13 +38,15 @@ def _draw(
     for start in range(0, n, trainer.config.batch_size):
         size = min(trainer.config.batch_size, n - start)
         prompt_ids, prompt_mask = encode_prompts(trainer.tokenizer, [trainer.config.prompt] * size, trainer.filler_id, trainer.device)
-        batch = sample(model, trainer.tokenizer, prompt_ids, prompt_mask, decoding, trainer.filler_id, generator)
+        with trainer.autocast():  # mixed precision for a half-precision run
+            batch = sample(model, trainer.tokenizer, prompt_ids, prompt_mask, decoding, trainer.filler_id, generator)
+            args = (batch.prompt_ids, batch.prompt_mask, batch.tokens, batch.mask)
+            log_prior = sequence_log_probs(trainer.prior, *args).double()
+            log_pi = sequence_log_probs(trainer.policy, *args).double()
         scores = trainer.target.score(batch)
-        args = (batch.prompt_ids, batch.prompt_mask, batch.tokens, batch.mask)
-        log_prior = sequence_log_probs(trainer.prior, *args)
         parts["log_q"].append(batch.log_q.double())
-        parts["log_pi"].append(sequence_log_probs(trainer.policy, *args).double())
-        parts["log_prior"].append(log_prior.double())
+        parts["log_pi"].append(log_pi)
+        parts["log_prior"].append(log_prior)
         parts["log_target"].append(trainer.target.log_prob(log_prior, scores).double())
         for name, values in scores.by_name.items():
             by_name.setdefault(name, []).append(values.double())

@@ -8,6 +8,7 @@ It works with any Hugging Face causal LM; the CLI builds one from a config.
 from __future__ import annotations
 
 import time
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -68,8 +69,12 @@ class Trainer:
         self.decoding = Decoding(max_new_tokens=config.max_new_tokens)
         check_ancestral(self.decoding)
         self.prior = frozen_copy(prior)
+        # A half-precision prior (device.dtype=bfloat16/float16) runs under autocast, but the
+        # policy keeps float32 weights: AdamW steps of lr ~1e-5 are below bfloat16's resolution
+        # (2^-8 relative) and would round away in pure half-precision weights.
+        self.compute_dtype = prior.dtype
         # eval mode: no dropout, so π is the same distribution we sample from and score
-        self.policy = frozen_copy(prior).requires_grad_(True)
+        self.policy = frozen_copy(prior).float().requires_grad_(True)
         self.proposal = frozen_copy(self.policy) if self.spec.proposal == "frozen" else None
         self.optimizer = torch.optim.AdamW(
             self.policy.parameters(), lr=config.lr, betas=config.betas, weight_decay=config.weight_decay
@@ -263,11 +268,20 @@ class Trainer:
 
     # --- helpers -----------------------------------------------------------------------------
 
+    def autocast(self) -> AbstractContextManager:
+        """Mixed precision when the prior is half precision (float32 weights, half matmuls)."""
+        if self.compute_dtype in (torch.bfloat16, torch.float16):
+            return torch.autocast(self.device.type, dtype=self.compute_dtype)
+        return nullcontext()
+
     def _sample(self, model: PreTrainedModel) -> Samples:
-        return sample(model, self.tokenizer, self.prompt_ids, self.prompt_mask, self.decoding, self.filler_id, self.generator)
+        with self.autocast():
+            return sample(model, self.tokenizer, self.prompt_ids, self.prompt_mask, self.decoding, self.filler_id, self.generator)
 
     def _log_probs(self, model: PreTrainedModel, samples: Samples) -> torch.Tensor:
-        return sequence_log_probs(model, samples.prompt_ids, samples.prompt_mask, samples.tokens, samples.mask)
+        with self.autocast():
+            log_probs = sequence_log_probs(model, samples.prompt_ids, samples.prompt_mask, samples.tokens, samples.mask)
+        return log_probs.float() if log_probs.dtype in (torch.bfloat16, torch.float16) else log_probs
 
     # --- checkpointing -----------------------------------------------------------------------
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import pytest
@@ -160,3 +161,22 @@ def test_pointwise_constraints_that_never_hold_together_are_refused(prior):
     contradictory = Target(pointwise=(TokenPresent(2, "has_b"), Lacks(2, "lacks_b")))
     with pytest.raises(ValueError, match="has_b, lacks_b never hold together in 1024 prior samples"):
         Trainer(model, tokenizer, contradictory, TrainerConfig(**TOY, fit_samples=1024)).calibrate()
+
+
+def test_a_half_precision_prior_trains_float32_policy_weights(prior):
+    """device.dtype=bfloat16: updates of lr 1e-5 survive (pure bfloat16 weights would round them away)."""
+    model, tokenizer = prior
+    trainer = Trainer(model.to(torch.bfloat16), tokenizer, Target(pointwise=(HAS_D,)),
+                      TrainerConfig(**{**TOY, "lr": 1e-5, "objective": "dpg_baseline", "grad_clip": 0.0}))
+    trainer.calibrate()
+    assert trainer.prior.dtype == torch.bfloat16 and all(p.dtype == torch.float32 for p in trainer.policy.parameters())
+    before = [p.detach().clone() for p in trainer.policy.parameters()]
+    metrics = trainer.step()
+    assert math.isfinite(metrics["train/loss"]) and math.isfinite(metrics["divergence/kl_target_policy"])
+    changed = [(p.detach() - b).abs() for p, b in zip(trainer.policy.parameters(), before)]
+    moved = sum(int((c > 0).sum()) for c in changed) / sum(c.numel() for c in changed)
+    largest = max(float(c.max()) for c in changed)
+    assert moved > 0.5 and 0.5e-5 < largest < 2e-5  # AdamW's first step moves each weight by ~lr
+    # the same step rounded to bfloat16 would have left most weights where they were
+    rounded = [(p.detach().bfloat16().float() - b.bfloat16().float()).abs() for p, b in zip(trainer.policy.parameters(), before)]
+    assert sum(int((r > 0).sum()) for r in rounded) / sum(r.numel() for r in rounded) < 0.5 * moved
