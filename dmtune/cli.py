@@ -277,6 +277,12 @@ def sweep(
         return
     if any(o.startswith("resume=") for o in overrides):
         fail("a sweep cannot resume; resume each job with: dmtune train resume=RUN_DIR")
+    launcher = next((o.split("=", 1)[1] for o in overrides if o.startswith("hydra/launcher=")), "basic")
+    if launcher == "slurm" or launcher.startswith("submitit"):
+        try:
+            import hydra_plugins.hydra_submitit_launcher  # noqa: F401
+        except ImportError:
+            fail(f"hydra/launcher={launcher} needs submitit: pip install 'dmtune[slurm]'")
     optuna = "hydra/sweeper=optuna" in overrides
     if optuna:
         try:
