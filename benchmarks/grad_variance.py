@@ -1,6 +1,6 @@
 """Gradient variance of DPG and DPG + baseline (GDC++) on real text: the tiny prior.
 
-At a policy π (the prior, or the last checkpoint of a run), draws K minibatches of B samples
+At a policy π (the prior, then the last checkpoint of each run given), draws K minibatches of B samples
 x ~ π and computes, on the same samples, the gradient of each objective's loss. Prints the
 total variance of the minibatch gradient (trace of its covariance, summed over every weight),
 the norm of the mean gradient and the signal-to-noise ratio ‖E g‖² / tr Cov g, and writes
@@ -60,7 +60,7 @@ def gradient_moments(trainer, minibatches: int, batch_size: int) -> dict[str, di
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--run", type=Path, action="append", default=[], help="a run dir (repeatable); default: the prior")
+    parser.add_argument("--run", type=Path, action="append", default=[], help="a run dir (repeatable), measured after the prior")
     parser.add_argument("--overrides", nargs="*", default=["experiment=sentiment"], help="config of the prior case")
     parser.add_argument("--minibatches", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=32)
@@ -68,12 +68,10 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     torch.manual_seed(args.seed)
-    cases = []
-    if not args.run:
-        cfg = compose_config([*args.overrides, "logger=none"])
-        trainer = build_trainer(cfg)
-        trainer.calibrate()
-        cases.append(("prior (" + " ".join(args.overrides) + ")", trainer))
+    cfg = compose_config([*args.overrides, "logger=none"])
+    trainer = build_trainer(cfg)
+    trainer.calibrate()
+    cases = [("prior (" + " ".join(args.overrides) + ")", trainer)]
     for run in args.run:
         cases.append((str(run), load_run(run)))
     rows, report = [], {}

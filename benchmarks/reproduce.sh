@@ -13,7 +13,7 @@ EVAL_N=${EVAL_N:-1024}
 EXTRA=${EXTRA:-}
 DMTUNE=${DMTUNE:-dmtune}
 
-sweep() {  # sweep NAME OVERRIDES... : one sweep, its evals, its comparison
+sweep() {  # sweep NAME OVERRIDES... : one sweep, its evals, its comparison (BY: compare --by keys)
   local name=$1; shift
   if [ ! -d "$OUT/$name" ]; then
     # shellcheck disable=SC2086
@@ -23,7 +23,8 @@ sweep() {  # sweep NAME OVERRIDES... : one sweep, its evals, its comparison
   for run in "$OUT/$name"/*/; do
     [ -f "$run/eval.json" ] || $DMTUNE eval "$run" -n "$EVAL_N" --wandb offline
   done
-  $DMTUNE compare "$OUT/$name" --out "$OUT/$name" \
+  # shellcheck disable=SC2086
+  $DMTUNE compare "$OUT/$name" ${COMPARE_WITH:-} --out "$OUT/$name" ${BY:-} \
     -m "${METRIC:?}" -m divergence/kl_target_policy -m divergence/kl_policy_prior \
     -m diversity/distinct_2 -m diversity/self_bleu -m diversity/entropy
 }
@@ -34,3 +35,11 @@ METRIC=constraint/positive sweep sentiment experiment=sentiment
 METRIC=constraint/female sweep gender experiment=gender
 # ... RM objectives can only be given the feature as a reward to maximise.
 METRIC=constraint/female sweep gender_reward experiment=gender constraint=female_reward objective=reinforce,kl_control
+# KL-control with β = 1/λ (λ: the DM target's, fitted by calibration) has the DM target as its
+# optimum: p_β ∝ a·exp(φ/β) = a·exp(λφ) (2206.00761).
+LAMBDA=$(python -c "import glob, json; print(json.load(open(sorted(glob.glob('$OUT/gender/*/calibration.json'))[0]))['lambdas'][0])")
+BETA=$(python -c "print(round(1 / $LAMBDA, 4))")
+METRIC=constraint/female sweep gender_kl_control_beta experiment=gender constraint=female_reward objective=kl_control "objective.beta=$BETA"
+# The learning rate of the DM runs: 3e-4 (the experiments' default, above) against smaller steps.
+METRIC=constraint/positive BY="--by train.lr" COMPARE_WITH="$(ls -d "$OUT"/sentiment/*_dpg_baseline_seed*)" \
+  sweep lr experiment=sentiment objective=dpg_baseline train.lr=3e-5,1e-4

@@ -356,6 +356,7 @@ def compare(
     paths: List[Path] = typer.Argument(..., help="Run dirs or sweep dirs (searched recursively).", exists=True),
     metric: Optional[List[str]] = typer.Option(None, "--metric", "-m", help="A metric to show (repeatable); default: constraint rates, KL(p‖π), KL(π‖a), distinct-2."),
     out: Optional[Path] = typer.Option(None, help="Where to write compare.png/.html/.json (default: the first path)."),
+    by: Optional[List[str]] = typer.Option(None, "--by", help="Group runs by this config key instead of the objective (repeatable), e.g. train.lr."),
 ) -> None:
     """Compare runs offline: a table of final values (mean ± std over seeds, per objective) and
     plots against samples seen, as PNG and a self-contained HTML page.
@@ -364,12 +365,13 @@ def compare(
     Examples:
       dmtune compare outputs/multirun/2026-11-22/10-00-00_default
       dmtune compare RUN_A RUN_B -m constraint/positive -m divergence/kl_policy_prior
+      dmtune compare outputs/multirun/2026-11-22/10-00-00_default --by objective.name --by train.lr
     """
     from dmtune.compare import compare as compare_runs
 
     target_dir = out or (paths[0] if paths[0].is_dir() else paths[0].parent)
     try:
-        table, _ = compare_runs(list(paths), list(metric or []), target_dir)
+        table, _ = compare_runs(list(paths), list(metric or []), target_dir, by=list(by or []))
     except ValueError as error:
         fail(str(error).splitlines()[0])
     typer.echo(table)

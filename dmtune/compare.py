@@ -20,6 +20,7 @@ from omegaconf import OmegaConf
 
 from dmtune.loggers import read_jsonl
 
+_MISSING = object()
 DEFAULT_METRICS = ("divergence/kl_target_policy", "divergence/kl_policy_prior", "diversity/distinct_2")
 
 
@@ -31,18 +32,26 @@ class Run:
     evaluation: dict[str, float] | None
 
 
-def find_runs(paths: list[Path]) -> list[Run]:
-    """Every run dir (one holding metrics.jsonl and .hydra/) at or below the given paths."""
+def find_runs(paths: list[Path], by: list[str] | None = None) -> list[Run]:
+    """Every run dir (one holding metrics.jsonl and .hydra/) at or below the given paths.
+
+    Runs are grouped by objective, or by the values of the config keys ``by`` (e.g. train.lr).
+    """
     found = sorted({m.parent for p in paths for m in ([p / "metrics.jsonl"] if (p / "metrics.jsonl").is_file() else p.rglob("metrics.jsonl"))
                     if (m.parent / ".hydra" / "config.yaml").is_file()})
     if not found:
         raise ValueError(f"no run dirs (metrics.jsonl with .hydra/config.yaml) under {', '.join(map(str, paths))}")
-    return [_load(run_dir) for run_dir in found]
+    return [_load(run_dir, by or []) for run_dir in found]
 
 
-def _load(run_dir: Path) -> Run:
+def _load(run_dir: Path, by: list[str]) -> Run:
     cfg = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
     group = cfg.objective.name + (f":{cfg.objective.divergence}" if cfg.objective.get("divergence") else "")
+    for key in by:
+        if OmegaConf.select(cfg, key, default=_MISSING) is _MISSING:
+            raise ValueError(f"--by {key}: {run_dir} has no config key {key!r} (keys look like objective.beta, train.lr, constraint.name)")
+    if by:
+        group = ", ".join(f"{key}={OmegaConf.select(cfg, key)}" for key in by)
     evaluation = json.loads((run_dir / "eval.json").read_text())["metrics"] if (run_dir / "eval.json").is_file() else None
     return Run(run_dir, group, read_jsonl(run_dir / "metrics.jsonl"), evaluation)
 
@@ -92,7 +101,7 @@ def _curve(members: list[Run], metric: str) -> list[tuple[int, float, float]]:
 
 def format_table(summary: dict[str, Any], metrics: list[str]) -> str:
     """A plain-text table: one row per group, mean ± std of each final metric."""
-    header = ["objective", "runs", *metrics]
+    header = ["group", "runs", *metrics]
     rows = [[group, str(len(s["runs"])), *(_cell(s["final"].get(m)) for m in metrics)] for group, s in summary.items()]
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in [header, *rows]]
@@ -133,7 +142,7 @@ def plot(summary: dict[str, Any], metrics: list[str], path: Path) -> None:
 
 def write_html(summary: dict[str, Any], metrics: list[str], png: Path, path: Path) -> None:
     """A page with the table and the plot embedded (base64), readable with no server or files beside it."""
-    head = "".join(f"<th>{html.escape(m)}</th>" for m in ["objective", "runs", *metrics])
+    head = "".join(f"<th>{html.escape(m)}</th>" for m in ["group", "runs", *metrics])
     body = "".join(
         "<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in [g, str(len(s["runs"])), *(_cell(s["final"].get(m)) for m in metrics)]) + "</tr>"
         for g, s in summary.items()
@@ -142,14 +151,14 @@ def write_html(summary: dict[str, Any], metrics: list[str], png: Path, path: Pat
     path.write_text(
         "<!doctype html><meta charset='utf-8'><title>dmtune compare</title>"
         "<style>body{font-family:sans-serif}td,th{padding:4px 10px;border-bottom:1px solid #ccc;text-align:left}</style>"
-        f"<h1>dmtune compare</h1><p>Final values: mean ± std over the runs of each objective (eval.json when present).</p>"
+        f"<h1>dmtune compare</h1><p>Final values: mean ± std over the runs of each group (eval.json when present).</p>"
         f"<table><tr>{head}</tr>{body}</table><img alt='metrics against samples seen' src='data:image/png;base64,{image}'>"
     )
 
 
-def compare(paths: list[Path], metrics: list[str] | None, out: Path) -> tuple[str, dict[str, Any]]:
+def compare(paths: list[Path], metrics: list[str] | None, out: Path, by: list[str] | None = None) -> tuple[str, dict[str, Any]]:
     """Table, PNG, HTML and JSON for the runs under ``paths``; returns the table and the numbers."""
-    runs = find_runs(paths)
+    runs = find_runs(paths, by)
     metrics = metrics or default_metrics(runs)
     summary = summarise(runs, metrics)
     out.mkdir(parents=True, exist_ok=True)

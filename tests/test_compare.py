@@ -35,6 +35,16 @@ def test_compare_a_sweep(tmp_path):
     page = (tmp_path / "cmp" / "compare.html").read_text()
     assert "data:image/png;base64," in page and f"{numbers['dpg']['final'][METRIC][0]:.4g}" in page
 
+    # grouped by config values instead of the objective
+    result = runner.invoke(app, ["compare", str(sweep), "-m", METRIC, "--by", "seed", "--out", str(tmp_path / "by")])
+    assert result.exit_code == 0, result.output
+    by_seed = json.loads((tmp_path / "by" / "compare.json").read_text())["groups"]
+    assert sorted(by_seed) == ["seed=0", "seed=1"] and all(len(g["runs"]) == 2 for g in by_seed.values())
+    seed0 = [read_jsonl(run / "metrics.jsonl")[-1][METRIC] for run in sorted(sweep.glob("*_seed0"))]
+    assert by_seed["seed=0"]["final"][METRIC][0] == statistics.fmean(seed0)
+    result = runner.invoke(app, ["compare", str(sweep), "--by", "train.nope", "--out", str(tmp_path / "by")])
+    assert result.exit_code == 2 and "no config key 'train.nope'" in result.stderr and result.stderr.strip().count("\n") == 0
+
     run = sorted(sweep.glob("*_dpg_seed0"))[0]  # eval.json, when present, is what a run is compared by
     assert runner.invoke(app, ["eval", str(run), "-n", "256", "--wandb", "disabled"]).exit_code == 0
     result = runner.invoke(app, ["compare", str(run), "-m", METRIC, "--out", str(tmp_path / "one")])
