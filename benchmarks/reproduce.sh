@@ -24,7 +24,7 @@ sweep() {  # sweep NAME OVERRIDES... : one sweep, its evals, its comparison (BY:
     [ -f "$run/eval.json" ] || $DMTUNE eval "$run" -n "$EVAL_N" --wandb offline
   done
   # shellcheck disable=SC2086
-  $DMTUNE compare "$OUT/$name" ${COMPARE_WITH:-} --out "$OUT/$name" ${BY:-} \
+  $DMTUNE compare "$OUT/$name" ${COMPARE_WITH:-} --out "$OUT/$name" --smooth 10 ${BY:-} \
     -m "${METRIC:?}" -m divergence/kl_target_policy -m divergence/kl_policy_prior \
     -m diversity/distinct_2 -m diversity/self_bleu -m diversity/entropy
 }

@@ -357,6 +357,7 @@ def compare(
     metric: Optional[List[str]] = typer.Option(None, "--metric", "-m", help="A metric to show (repeatable); default: constraint rates, KL(p‖π), KL(π‖a), distinct-2."),
     out: Optional[Path] = typer.Option(None, help="Where to write compare.png/.html/.json (default: the first path)."),
     by: Optional[List[str]] = typer.Option(None, "--by", help="Group runs by this config key instead of the objective (repeatable), e.g. train.lr."),
+    smooth: int = typer.Option(1, min=1, help="Plot moving averages over this many logged points (the table stays raw)."),
 ) -> None:
     """Compare runs offline: a table of final values (mean ± std over seeds, per objective) and
     plots against samples seen, as PNG and a self-contained HTML page.
@@ -371,7 +372,7 @@ def compare(
 
     target_dir = out or (paths[0] if paths[0].is_dir() else paths[0].parent)
     try:
-        table, _ = compare_runs(list(paths), list(metric or []), target_dir, by=list(by or []))
+        table, _ = compare_runs(list(paths), list(metric or []), target_dir, by=list(by or []), smooth=smooth)
     except ValueError as error:
         fail(str(error).splitlines()[0])
     typer.echo(table)

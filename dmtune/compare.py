@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import html
 import json
+import re
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,10 +39,15 @@ def find_runs(paths: list[Path], by: list[str] | None = None) -> list[Run]:
     Runs are grouped by objective, or by the values of the config keys ``by`` (e.g. train.lr).
     """
     found = sorted({m.parent for p in paths for m in ([p / "metrics.jsonl"] if (p / "metrics.jsonl").is_file() else p.rglob("metrics.jsonl"))
-                    if (m.parent / ".hydra" / "config.yaml").is_file()})
+                    if (m.parent / ".hydra" / "config.yaml").is_file()}, key=_natural)
     if not found:
         raise ValueError(f"no run dirs (metrics.jsonl with .hydra/config.yaml) under {', '.join(map(str, paths))}")
     return [_load(run_dir, by or []) for run_dir in found]
+
+
+def _natural(path: Path) -> list:
+    """Sort key: numbers by value (a sweep's job 10 after job 9), the rest as text."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", str(path))]
 
 
 def _load(run_dir: Path, by: list[str]) -> Run:
@@ -112,8 +118,21 @@ def _cell(value: tuple[float, float] | None) -> str:
     return "n/a" if value is None else f"{value[0]:.4g} ± {value[1]:.2g}"
 
 
-def plot(summary: dict[str, Any], metrics: list[str], path: Path) -> None:
-    """One panel per metric: mean over seeds against samples seen, ± std shaded."""
+def _smoothed(values: list[float], window: int) -> list[float]:
+    """Trailing moving average over ``window`` points (the first points average what there is)."""
+    out, total = [], 0.0
+    for i, value in enumerate(values):
+        total += value - (values[i - window] if i >= window else 0.0)
+        out.append(total / min(i + 1, window))
+    return out
+
+
+def plot(summary: dict[str, Any], metrics: list[str], path: Path, smooth: int = 1) -> None:
+    """One panel per metric: mean over seeds against samples seen, ± std shaded.
+
+    ``smooth`` > 1 draws trailing moving averages over that many logged points (per-step
+    estimates such as KL(p‖π) are noisy); the table and JSON keep the raw values.
+    """
     import matplotlib
 
     matplotlib.use("Agg")  # files only, no display
@@ -128,9 +147,10 @@ def plot(summary: dict[str, Any], metrics: list[str], path: Path) -> None:
             if not curve:
                 continue
             x, mean, std = zip(*curve)
+            mean, std = _smoothed(list(mean), smooth), _smoothed(list(std), smooth)
             axis.plot(x, mean, label=group)
             axis.fill_between(x, [m - d for m, d in zip(mean, std)], [m + d for m, d in zip(mean, std)], alpha=0.2)
-        axis.set_title(metric, fontsize=10)
+        axis.set_title(metric + (f" (moving average of {smooth})" if smooth > 1 else ""), fontsize=10)
         axis.set_xlabel("samples seen")
     for axis in list(axes.flat)[len(metrics):]:
         axis.set_visible(False)
@@ -156,13 +176,15 @@ def write_html(summary: dict[str, Any], metrics: list[str], png: Path, path: Pat
     )
 
 
-def compare(paths: list[Path], metrics: list[str] | None, out: Path, by: list[str] | None = None) -> tuple[str, dict[str, Any]]:
+def compare(
+    paths: list[Path], metrics: list[str] | None, out: Path, by: list[str] | None = None, smooth: int = 1
+) -> tuple[str, dict[str, Any]]:
     """Table, PNG, HTML and JSON for the runs under ``paths``; returns the table and the numbers."""
     runs = find_runs(paths, by)
     metrics = metrics or default_metrics(runs)
     summary = summarise(runs, metrics)
     out.mkdir(parents=True, exist_ok=True)
-    plot(summary, metrics, out / "compare.png")
+    plot(summary, metrics, out / "compare.png", smooth)
     write_html(summary, metrics, out / "compare.png", out / "compare.html")
     (out / "compare.json").write_text(json.dumps({"metrics": metrics, "groups": summary}, indent=1))
     return format_table(summary, metrics), summary

@@ -36,7 +36,7 @@ def test_compare_a_sweep(tmp_path):
     assert "data:image/png;base64," in page and f"{numbers['dpg']['final'][METRIC][0]:.4g}" in page
 
     # grouped by config values instead of the objective
-    result = runner.invoke(app, ["compare", str(sweep), "-m", METRIC, "--by", "seed", "--out", str(tmp_path / "by")])
+    result = runner.invoke(app, ["compare", str(sweep), "-m", METRIC, "--by", "seed", "--smooth", "3", "--out", str(tmp_path / "by")])
     assert result.exit_code == 0, result.output
     by_seed = json.loads((tmp_path / "by" / "compare.json").read_text())["groups"]
     assert sorted(by_seed) == ["seed=0", "seed=1"] and all(len(g["runs"]) == 2 for g in by_seed.values())
@@ -55,3 +55,11 @@ def test_compare_a_sweep(tmp_path):
 def test_compare_without_runs_is_one_line(tmp_path):
     result = runner.invoke(app, ["compare", str(tmp_path)])
     assert result.exit_code == 2 and "no run dirs" in result.stderr and result.stderr.strip().count("\n") == 0
+
+
+def test_plots_can_smooth_noisy_curves_with_a_trailing_mean():
+    from dmtune.compare import _smoothed
+
+    assert _smoothed([1.0, 2.0, 3.0, 4.0, 5.0], 2) == [1.0, 1.5, 2.5, 3.5, 4.5]
+    assert _smoothed([4.0, 0.0, 8.0], 1) == [4.0, 0.0, 8.0]
+    assert _smoothed([3.0, 6.0, 9.0], 10) == [3.0, 4.5, 6.0]
