@@ -1,16 +1,19 @@
 #!/usr/bin/env bash
-# Regenerates the runs behind docs/reproduction.md: three sweeps on the tiny prior, a fresh-sample
-# `dmtune eval` of every run, and a `dmtune compare` table + plots per sweep.
-#   bash benchmarks/reproduce.sh                      # ~75 min on 2 CPU cores
+# Regenerates the runs behind docs/reproduction.md: five sweeps on the tiny prior (45 runs), a
+# fresh-sample `dmtune eval` of every run, and a `dmtune compare` table + plot per sweep, copied
+# to docs/reproduction/.
+#   bash benchmarks/reproduce.sh                      # ~2 h on 2 CPU cores
 #   SEEDS=0,1,2,3,4 JOBS=8 bash benchmarks/reproduce.sh
 #   EXTRA="size=paper" OUT=outputs/reproduction_gpt2 bash benchmarks/reproduce.sh   # a GPU and GPT-2
 # A sweep whose dir exists is not re-run (delete it to redo it); missing evals are filled in.
 set -euo pipefail
+cd "$(dirname "$0")/.."
 OUT=${OUT:-outputs/reproduction}
 SEEDS=${SEEDS:-0,1,2}
 JOBS=${JOBS:-2}
 EVAL_N=${EVAL_N:-1024}
 EXTRA=${EXTRA:-}
+DOCS=${DOCS:-docs/reproduction}   # where each sweep's table (.txt), plot (.png) and numbers (.json) are copied
 DMTUNE=${DMTUNE:-dmtune}
 
 sweep() {  # sweep NAME OVERRIDES... : one sweep, its evals, its comparison (BY: compare --by keys)
@@ -26,7 +29,9 @@ sweep() {  # sweep NAME OVERRIDES... : one sweep, its evals, its comparison (BY:
   # shellcheck disable=SC2086
   $DMTUNE compare "$OUT/$name" ${COMPARE_WITH:-} --out "$OUT/$name" --smooth 10 ${BY:-} \
     -m "${METRIC:?}" -m divergence/kl_target_policy -m divergence/kl_policy_prior \
-    -m diversity/distinct_2 -m diversity/self_bleu -m diversity/entropy
+    -m diversity/distinct_2 -m diversity/self_bleu -m diversity/entropy | tee "$OUT/$name/compare.txt"
+  mkdir -p "$DOCS"
+  for ext in txt png json; do cp "$OUT/$name/compare.$ext" "$DOCS/$name.$ext"; done
 }
 
 # Pointwise sentiment: every objective (RM and DM) on the same target.
