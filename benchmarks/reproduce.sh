@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Regenerates the runs behind docs/reproduction.md: five sweeps on the tiny prior (45 runs), a
+# Regenerates the runs behind docs/reproduction.md: seven sweeps on the tiny prior (51 runs), a
 # fresh-sample `dmtune eval` of every run, and a `dmtune compare` table + plot per sweep, copied
 # to docs/reproduction/.
 #   bash benchmarks/reproduce.sh                      # ~2 h on 2 CPU cores
@@ -34,6 +34,9 @@ sweep() {  # sweep NAME OVERRIDES... : one sweep, its evals, its comparison (BY:
   for ext in txt png json; do cp "$OUT/$name/compare.$ext" "$DOCS/$name.$ext"; done
 }
 
+# The prior itself, for reference: one step at lr 0 leaves the policy equal to the prior.
+METRIC=constraint/positive sweep prior_sentiment experiment=sentiment train.steps=1 train.lr=0.0
+METRIC=constraint/female sweep prior_gender experiment=gender train.steps=1 train.lr=0.0
 # Pointwise sentiment: every objective (RM and DM) on the same target.
 METRIC=constraint/positive sweep sentiment experiment=sentiment
 # Distributional gender (50% of samples mention women): only DM objectives express it ...
