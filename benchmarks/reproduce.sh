@@ -35,8 +35,8 @@ sweep() {  # sweep NAME OVERRIDES... : one sweep, its evals, its comparison (BY:
 }
 
 # The prior itself, for reference: one step at lr 0 leaves the policy equal to the prior.
-METRIC=constraint/positive sweep prior_sentiment experiment=sentiment train.steps=1 train.lr=0.0
-METRIC=constraint/female sweep prior_gender experiment=gender train.steps=1 train.lr=0.0
+METRIC=constraint/positive sweep prior_sentiment experiment=sentiment objective=dpg_baseline train.steps=1 train.lr=0.0
+METRIC=constraint/female sweep prior_gender experiment=gender objective=dpg_baseline train.steps=1 train.lr=0.0
 # Pointwise sentiment: every objective (RM and DM) on the same target.
 METRIC=constraint/positive sweep sentiment experiment=sentiment
 # Distributional gender (50% of samples mention women): only DM objectives express it ...
