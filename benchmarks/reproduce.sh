@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# Regenerates the runs behind docs/reproduction.md: seven sweeps on the tiny prior (51 runs), a
+# Regenerates the runs behind docs/reproduction.md: seven sweeps on the tiny prior (45 runs), a
 # fresh-sample `dmtune eval` of every run, and a `dmtune compare` table + plot per sweep, copied
 # to docs/reproduction/.
-#   bash benchmarks/reproduce.sh                      # ~2 h on 2 CPU cores
+#   bash benchmarks/reproduce.sh                      # ~1h45 on 2 CPU cores
 #   SEEDS=0,1,2,3,4 JOBS=8 bash benchmarks/reproduce.sh
 #   EXTRA="size=paper" OUT=outputs/reproduction_gpt2 bash benchmarks/reproduce.sh   # a GPU and GPT-2
 # A sweep whose dir exists is not re-run (delete it to redo it); missing evals are filled in.
