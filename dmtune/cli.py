@@ -322,6 +322,7 @@ def evaluate(
     top_k: int = TOP_K,
     seed: int = typer.Option(1234, help="Seed of the sampler."),
     wandb_mode: Optional[str] = typer.Option(None, "--wandb", help="W&B mode for the eval run: online, offline, disabled (default: the run's)."),
+    overrides: Optional[List[str]] = typer.Argument(None, help="Overrides of the run's config, e.g. constraint=gender (another target) or device=cpu.", show_default=False),
 ) -> None:
     """Evaluate a run's last checkpoint on fresh samples; writes RUN_DIR/eval.json.
 
@@ -331,16 +332,22 @@ def evaluate(
     With a warped decoding, estimates about π are importance-weighted by π/q;
     KL(p‖π), TV and log Z use n more samples, of the prior (bounded weights).
     Logged to W&B as job_type=eval in the run's group.
+    Overrides apply to the run's config: with another constraint set its λ is fitted anew and
+    the report goes to eval-<overrides>.json (eval.json, the run's own, is kept).
     \b
     Examples:
       dmtune eval outputs/2026-11-22/10-00-00_default_dpg_baseline
       dmtune eval RUN_DIR -n 4096 --top-p 0.9
+      dmtune eval RUN_DIR constraint=gender      # the same policy against another target
     """
-    from dmtune.evaluate import evaluate_run
+    from dmtune.evaluate import eval_name, evaluate_run
     from dmtune.priors import PriorUnavailableError
 
+    overrides = list(overrides or [])
+    cfg = _eval_config(run_dir, overrides) if overrides else None
     try:
-        report = evaluate_run(run_dir, n=n, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, wandb_mode=wandb_mode)
+        report = evaluate_run(run_dir, n=n, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+                              wandb_mode=wandb_mode, cfg=cfg, overrides=overrides)
     except (ValueError, PriorUnavailableError) as error:  # CheckpointError is a ValueError
         fail(str(error).splitlines()[0])
     errors = report["standard_errors"]
@@ -348,7 +355,19 @@ def evaluate(
     for key, value in report["metrics"].items():
         error = f" ± {errors[key]:.3g}" if key in errors else ""
         typer.echo(f"  {key:<36} {value:.4g}{error}")
-    typer.echo(f"wrote {run_dir / 'eval.json'}")
+    typer.echo(f"wrote {run_dir / (eval_name(overrides) + '.json')}")
+
+
+def _eval_config(run_dir: Path, overrides: list[str]) -> DictConfig:
+    """The run's config recomposed from its own overrides, then these (validated, one-line errors)."""
+    fixed = [o for o in overrides if o.lstrip("+~").split("=", 1)[0].split(".", 1)[0] in ("model", "objective", "seed")]
+    if fixed:
+        fail(f"{fixed[0]}: eval measures the run's own policy; the model, objective and seed are the run's (override constraint, train, device, logger)")
+    saved_file = run_dir / ".hydra" / "overrides.yaml"
+    if not saved_file.is_file():
+        fail(f"{run_dir} is not a dmtune run dir (no .hydra/overrides.yaml)")
+    saved = [o for o in OmegaConf.load(saved_file) if not o.startswith(("resume=", "hydra."))]
+    return compose_config([*saved, *overrides])
 
 
 @app.command()

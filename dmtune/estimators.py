@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
@@ -25,8 +25,15 @@ def log_z(log_target: torch.Tensor, log_proposal: torch.Tensor) -> torch.Tensor:
 
 
 def _xlogy_terms(log_weight: torch.Tensor, log_ratio: torch.Tensor) -> torch.Tensor:
-    """``w · log_ratio`` with 0 where w = 0 (a failed pointwise constraint makes log_ratio −inf)."""
-    return torch.where(torch.isneginf(log_weight), 0.0, log_weight.exp() * log_ratio)
+    """``w · log_ratio`` with 0 where w = 0 (a failed pointwise constraint makes log_ratio −inf).
+
+    The masked entries are made finite before the product too, so that gradients through it
+    (``terms_with_log_z_error``) are 0 there rather than NaN.
+    """
+    masked = torch.isneginf(log_weight)
+    safe_weight = torch.where(masked, 0.0, log_weight)
+    safe_ratio = torch.where(masked, 0.0, log_ratio)
+    return torch.where(masked, 0.0, safe_weight.exp() * safe_ratio)
 
 
 def kl_target_model_terms(
@@ -83,6 +90,23 @@ def entropy(log_model: torch.Tensor, log_proposal: torch.Tensor) -> torch.Tensor
 def effective_sample_size(log_weights: torch.Tensor) -> torch.Tensor:
     """``(Σw)² / Σw²`` from log-weights; between 1 and n."""
     return torch.exp(2 * torch.logsumexp(log_weights, 0) - torch.logsumexp(2 * log_weights, 0))
+
+
+def terms_with_log_z_error(
+    terms_fn: Callable[..., torch.Tensor], log_target: torch.Tensor, log_proposal: torch.Tensor, log_model: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample terms of a target-side estimate that uses ``log Ẑ`` of the same samples, and ``log Ẑ``.
+
+    The terms' mean is the estimate; their spread also carries the error of ``log Ẑ`` (delta
+    method: each sample moves ``log Ẑ`` by ``w_i − 1``, with ``w = P/(Ẑq)``), so
+    :func:`standard_error` of them is honest. Plain terms treat ``log Ẑ`` as exact and understate it.
+    """
+    log_z_hat = log_z(log_target, log_proposal).detach().requires_grad_(True)
+    with torch.enable_grad():
+        terms = terms_fn(log_target, log_proposal, log_model, log_z_hat)
+        (slope,) = torch.autograd.grad(terms.mean(), log_z_hat)
+    weight = torch.where(torch.isneginf(log_target), 0.0, (log_target - log_proposal - log_z_hat.detach()).exp())
+    return terms.detach() + slope * (weight - 1.0), log_z_hat.detach()
 
 
 def standard_error(terms: torch.Tensor) -> torch.Tensor:

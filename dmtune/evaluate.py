@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 from dmtune import estimators as est
 from dmtune.loggers import RunLogger, WandbOptions
@@ -57,11 +58,17 @@ def _draw(
 
 def evaluate_run(
     run_dir: str | Path, *, n: int = 1024, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-    seed: int = 1234, wandb_mode: str | None = None,
+    seed: int = 1234, wandb_mode: str | None = None, cfg: DictConfig | None = None, overrides: list[str] | None = None,
 ) -> dict[str, Any]:
-    """Evaluate a run's last checkpoint; writes ``eval.json`` in the run dir and returns it."""
+    """Evaluate a run's last checkpoint; writes ``eval.json`` in the run dir and returns it.
+
+    ``cfg`` (the run's config with ``overrides`` applied, e.g. another constraint set) changes
+    what is measured; the report then goes to ``eval-<overrides>.json`` and ``eval.json``, the
+    run's own evaluation, is left as it is.
+    """
     run_dir = Path(run_dir)
-    trainer = load_run(run_dir)
+    trainer = load_run(run_dir, cfg)
+    name = eval_name(overrides or [])
     decoding = Decoding(trainer.config.max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p)
     texts, features, logs = _draw(trainer, trainer.policy, n, decoding, seed)
     # the policy, not the sampler, is what is evaluated: weight by ρ = π/q (= 1 when ancestral)
@@ -71,11 +78,13 @@ def evaluate_run(
     # bounded; on the policy's samples they are heavy-tailed wherever π under-covers p
     _, _, prior_logs = _draw(trainer, trainer.prior, n, Decoding(trainer.config.max_new_tokens), seed + 1)
     a_target, a_q, a_pi = prior_logs["log_target"], prior_logs["log_q"], prior_logs["log_pi"]
-    log_z = est.log_z(a_target, a_q)
+    # standard errors include log Ẑ's own (it is estimated on the same samples)
+    kl_terms, log_z = est.terms_with_log_z_error(est.kl_target_model_terms, a_target, a_q, a_pi)
+    tv_terms, _ = est.terms_with_log_z_error(est.tv_target_model_terms, a_target, a_q, a_pi)
     terms = {
-        "divergence/kl_target_policy": est.kl_target_model_terms(a_target, a_q, a_pi, log_z),
+        "divergence/kl_target_policy": kl_terms,
         "divergence/kl_policy_prior": est.kl_model_prior_terms(log_pi, log_prior, log_q),
-        "divergence/tv_target_policy": est.tv_target_model_terms(a_target, a_q, a_pi, log_z),
+        "divergence/tv_target_policy": tv_terms,
         "diversity/entropy": rho * -log_pi,
         **{f"constraint/{name}": rho * values for name, values in features.items()},
     }
@@ -96,18 +105,26 @@ def evaluate_run(
         "samples_seen": trainer.samples_seen,
         "n": n,
         "decoding": {"temperature": temperature, "top_k": top_k, "top_p": top_p, "seed": seed},
+        "overrides": list(overrides or []),
         "metrics": metrics,
         "standard_errors": errors,
         "examples": texts[:8],
     }
-    (run_dir / EVAL_FILE).write_text(json.dumps(report, indent=1, allow_nan=True))
-    _log_to_wandb(run_dir, report, wandb_mode)
+    (run_dir / f"{name}.json").write_text(json.dumps(report, indent=1, allow_nan=True))
+    _log_to_wandb(run_dir, report, wandb_mode, name, cfg)
     return report
 
 
-def _log_to_wandb(run_dir: Path, report: dict[str, Any], mode: str | None) -> None:
+def eval_name(overrides: list[str]) -> str:
+    """``eval`` for the run's own evaluation, ``eval-<overrides>`` (file-name safe) otherwise."""
+    if not overrides:
+        return EVAL_FILE.removesuffix(".json")
+    return "eval-" + re.sub(r"[^A-Za-z0-9._=,-]+", "_", "_".join(overrides))[:120]
+
+
+def _log_to_wandb(run_dir: Path, report: dict[str, Any], mode: str | None, name: str, cfg: DictConfig | None) -> None:
     """A W&B run of ``job_type=eval`` in the training run's group (or nothing when disabled)."""
-    cfg = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
+    cfg = cfg if cfg is not None else OmegaConf.load(run_dir / ".hydra" / "config.yaml")
     options = WandbOptions(
         mode=mode or cfg.logger.mode,
         project=cfg.logger.project,
@@ -115,9 +132,9 @@ def _log_to_wandb(run_dir: Path, report: dict[str, Any], mode: str | None) -> No
         group=cfg.logger.group or cfg.experiment_name,
         job_type="eval",
         tags=(cfg.objective.name, cfg.constraint.name, str(cfg.model.name_or_path), "eval"),
-        name=f"{run_dir.name}-eval",
+        name=f"{run_dir.name}-{name}",
     )
-    eval_dir = run_dir / "eval"
+    eval_dir = run_dir / name
     with RunLogger(eval_dir, options, config=OmegaConf.to_container(cfg, resolve=True)) as logger:
         finite = {k: v for k, v in report["metrics"].items() if math.isfinite(v)}
         logger.log({"samples_seen": report["samples_seen"], **finite}, step=report["step"])

@@ -216,15 +216,22 @@ def _summary(
     }
 
 
-def load_run(run_dir: str | Path) -> Trainer:
-    """Rebuild a run's trainer from its saved config and last checkpoint."""
+def load_run(run_dir: str | Path, cfg: DictConfig | None = None) -> Trainer:
+    """Rebuild a run's trainer from its saved config (or ``cfg``) and last checkpoint.
+
+    With another constraint set in ``cfg`` than the run's, its λ and log Ẑ are fitted anew on
+    prior samples (calibration): the policy is then measured against that target.
+    """
     run_dir = Path(run_dir)
     config_file = run_dir / ".hydra" / "config.yaml"
     if not config_file.is_file():
         raise ValueError(f"{run_dir} is not a dmtune run dir (no .hydra/config.yaml)")
-    cfg = OmegaConf.load(config_file)
+    saved = OmegaConf.load(config_file)
+    cfg = saved if cfg is None else cfg
     trainer = build_trainer(cfg)
     trainer.load_state_dict(load_checkpoint(checkpoint_path(run_dir), map_location=trainer.device))
+    if cfg.constraint != saved.constraint:
+        trainer.calibrate()
     return trainer
 
 
