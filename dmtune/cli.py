@@ -7,6 +7,7 @@ second with one line naming the bad key or option and the valid ones, before a m
 from __future__ import annotations
 
 import difflib
+import importlib.util
 import os
 import re
 import sys
@@ -118,12 +119,17 @@ def _resume_overrides(overrides: list[str]) -> list[str]:
     if not resume:
         return overrides
     run_dir = Path(resume[-1]).resolve()
-    saved_file = run_dir / ".hydra" / "overrides.yaml"
-    if not saved_file.is_file():
-        fail(f"resume={resume[-1]} is not a dmtune run dir (no .hydra/overrides.yaml there)")
-    saved = [o for o in OmegaConf.load(saved_file) if not o.startswith(("resume=", "hydra.run.dir="))]
+    saved = _saved_overrides(run_dir, f"resume={resume[-1]}")
     new = [o for o in overrides if not o.startswith("resume=")]
     return [*saved, *new, f"resume={run_dir}", f"hydra.run.dir={run_dir}"]
+
+
+def _saved_overrides(run_dir: Path, what: str) -> list[str]:
+    """The overrides a run was launched with, less its own resume= and run dir (one line if none)."""
+    saved_file = run_dir / ".hydra" / "overrides.yaml"
+    if not saved_file.is_file():
+        fail(f"{what} is not a dmtune run dir (no .hydra/overrides.yaml there)")
+    return [o for o in OmegaConf.load(saved_file) if not o.startswith(("resume=", "hydra.run.dir="))]
 
 
 def _run_hydra_main(overrides: list[str], multirun: bool = False) -> None:
@@ -279,16 +285,10 @@ def sweep(
         fail("a sweep cannot resume; resume each job with: dmtune train resume=RUN_DIR")
     launcher = next((o.split("=", 1)[1] for o in overrides if o.startswith("hydra/launcher=")), "basic")
     if launcher == "slurm" or launcher.startswith("submitit"):
-        try:
-            import hydra_plugins.hydra_submitit_launcher  # noqa: F401
-        except ImportError:
-            fail(f"hydra/launcher={launcher} needs submitit: pip install 'dmtune[slurm]'")
+        _require("hydra_plugins.hydra_submitit_launcher", f"hydra/launcher={launcher} needs submitit: pip install 'dmtune[slurm]'")
     optuna = "hydra/sweeper=optuna" in overrides
     if optuna:
-        try:
-            import optuna as _  # noqa: F401
-        except ImportError:
-            fail("hydra/sweeper=optuna needs Optuna: pip install 'dmtune[optuna]'")
+        _require("optuna", "hydra/sweeper=optuna needs Optuna: pip install 'dmtune[optuna]'")
         if not any(o.startswith("hydra.sweeper.metric=") for o in overrides):
             fail("hydra/sweeper=optuna needs a metric to optimise, e.g. hydra.sweeper.metric=constraint/positive")
     for job in sweep_jobs(overrides, searching=optuna):
@@ -298,6 +298,12 @@ def sweep(
     if "hydra/launcher=joblib" in overrides and not any(o.startswith("device.threads=") for o in overrides):
         overrides.append("device.threads=1")  # parallel workers share the cores: one torch thread each
     _run_hydra_main(overrides, multirun=True)
+
+
+def _require(module: str, message: str) -> None:
+    """One line naming the extra to install when an optional plugin is missing."""
+    if importlib.util.find_spec(module.split(".")[0]) is None or importlib.util.find_spec(module) is None:
+        fail(message)
 
 
 def _write_wandb_sweep(path: Path, overrides: list[str], metric: str | None, goal: str, method: str | None) -> None:
@@ -363,10 +369,7 @@ def _eval_config(run_dir: Path, overrides: list[str]) -> DictConfig:
     fixed = [o for o in overrides if o.lstrip("+~").split("=", 1)[0].split(".", 1)[0] in ("model", "objective", "seed")]
     if fixed:
         fail(f"{fixed[0]}: eval measures the run's own policy; the model, objective and seed are the run's (override constraint, train, device, logger)")
-    saved_file = run_dir / ".hydra" / "overrides.yaml"
-    if not saved_file.is_file():
-        fail(f"{run_dir} is not a dmtune run dir (no .hydra/overrides.yaml)")
-    saved = [o for o in OmegaConf.load(saved_file) if not o.startswith(("resume=", "hydra."))]
+    saved = [o for o in _saved_overrides(run_dir, str(run_dir)) if not o.startswith("hydra.")]
     return compose_config([*saved, *overrides])
 
 

@@ -53,11 +53,12 @@ def _natural(path: Path) -> list:
 def _load(run_dir: Path, by: list[str]) -> Run:
     cfg = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
     group = cfg.objective.name + (f":{cfg.objective.divergence}" if cfg.objective.get("divergence") else "")
-    for key in by:
-        if OmegaConf.select(cfg, key, default=_MISSING) is _MISSING:
-            raise ValueError(f"--by {key}: {run_dir} has no config key {key!r} (keys look like objective.beta, train.lr, constraint.name)")
     if by:
-        group = ", ".join(f"{key}={OmegaConf.select(cfg, key)}" for key in by)
+        values = {key: OmegaConf.select(cfg, key, default=_MISSING) for key in by}
+        missing = [key for key, value in values.items() if value is _MISSING]
+        if missing:
+            raise ValueError(f"--by {missing[0]}: {run_dir} has no config key {missing[0]!r} (keys look like objective.beta, train.lr, constraint.name)")
+        group = ", ".join(f"{key}={value}" for key, value in values.items())
     evaluation = json.loads((run_dir / "eval.json").read_text())["metrics"] if (run_dir / "eval.json").is_file() else None
     return Run(run_dir, group, read_jsonl(run_dir / "metrics.jsonl"), evaluation)
 

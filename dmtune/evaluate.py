@@ -68,7 +68,7 @@ def evaluate_run(
     """
     run_dir = Path(run_dir)
     trainer = load_run(run_dir, cfg)
-    name = eval_name(overrides or [])
+    report_name = eval_name(overrides or [])
     decoding = Decoding(trainer.config.max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p)
     texts, features, logs = _draw(trainer, trainer.policy, n, decoding, seed)
     # the policy, not the sampler, is what is evaluated: weight by ρ = π/q (= 1 when ancestral)
@@ -110,8 +110,8 @@ def evaluate_run(
         "standard_errors": errors,
         "examples": texts[:8],
     }
-    (run_dir / f"{name}.json").write_text(json.dumps(report, indent=1, allow_nan=True))
-    _log_to_wandb(run_dir, report, wandb_mode, name, cfg)
+    (run_dir / f"{report_name}.json").write_text(json.dumps(report, indent=1, allow_nan=True))
+    _log_to_wandb(run_dir, report, wandb_mode, report_name, cfg)
     return report
 
 

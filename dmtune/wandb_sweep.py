@@ -39,7 +39,7 @@ def wandb_sweep_config(
     fixed: list[str] = []
     for override in OverridesParser.create().parse_overrides(overrides):
         line = override.input_line
-        if any(line.startswith(k) for k in LAUNCH_KEYS):
+        if line.startswith(LAUNCH_KEYS):
             continue
         key = line.split("=", 1)[0]
         if override.is_sweep_override():
