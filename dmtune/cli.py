@@ -381,7 +381,7 @@ def compare(
     by: Optional[List[str]] = typer.Option(None, "--by", help="Group runs by this config key instead of the objective (repeatable), e.g. train.lr."),
     smooth: int = typer.Option(1, min=1, help="Plot moving averages over this many logged points (the table stays raw)."),
 ) -> None:
-    """Compare runs offline: a table of final values (mean ± std over seeds, per objective) and
+    """Compare runs offline: a table of final values (mean ± std over seeds, per objective or --by value) and
     plots against samples seen, as PNG and a self-contained HTML page.
 
     \b
