@@ -23,10 +23,9 @@ from pathlib import Path
 import torch
 
 from dmtune.constraints import TokenPresent
-from dmtune.exact import (
-    estimator_variance, kl, make_toy_prior, objective_advantages, policy_scores, target_truth,
-)
+from dmtune.exact import estimator_variance, kl, objective_advantages, policy_scores, target_truth
 from dmtune.objectives import Batch
+from dmtune.priors import make_toy_prior
 from dmtune.target import Target, kl_control_log_target
 from dmtune.trainer import Trainer, TrainerConfig
 
@@ -73,7 +72,7 @@ def run(label: str, seed: int, steps: int, batch_size: int, lr: float, checkpoin
     objective, kwargs = VARIANTS[label]
     prior, tokenizer = make_toy_prior(seed=0)
     config = TrainerConfig(
-        objective=objective, objective_kwargs=kwargs, batch_size=batch_size, max_new_tokens=MAX_NEW_TOKENS,
+        objective=objective, objective_params=kwargs, batch_size=batch_size, max_new_tokens=MAX_NEW_TOKENS,
         lr=lr, exact=True, seed=seed,
     )
     trainer = Trainer(prior, tokenizer, Target(pointwise=(CONSTRAINT,)), config)

@@ -20,28 +20,33 @@ from pathlib import Path
 
 import torch
 
-from dmtune.cli import compose_config
+from dmtune.build import build_trainer
+from dmtune.lm import LM
 from dmtune.objectives import OBJECTIVES, Batch
-from dmtune.run import build_trainer, load_run
+from dmtune.overrides import compose_config
+from dmtune.rundir import load_run
+from dmtune.sampling import Decoding
+from dmtune.target import Target
 
 OBJECTIVES_COMPARED = ("dpg", "dpg_baseline")
 
 
-def gradient_moments(trainer, minibatches: int, batch_size: int) -> dict[str, dict[str, float]]:
+def gradient_moments(
+    lm: LM, policy: torch.nn.Module, target: Target, log_z: torch.Tensor, decoding: Decoding,
+    generator: torch.Generator, minibatches: int, batch_size: int,
+) -> dict[str, dict[str, float]]:
     """Per objective: tr Cov[g], ‖E g‖ and the SNR over ``minibatches`` draws of ``batch_size``."""
-    trainer.prompt_ids, trainer.prompt_mask = trainer.prompt_ids[:batch_size], trainer.prompt_mask[:batch_size]
-    params = [p for p in trainer.policy.parameters() if p.requires_grad]
+    params = [p for p in policy.parameters() if p.requires_grad]
     sums = {name: [torch.zeros_like(p, dtype=torch.float64) for p in params] for name in OBJECTIVES_COMPARED}
     squares = {name: [torch.zeros_like(p, dtype=torch.float64) for p in params] for name in OBJECTIVES_COMPARED}
-    log_z = trainer.log_z.value.detach()
     for _ in range(minibatches):
         with torch.no_grad():
-            samples = trainer._sample(trainer.policy)
-            scores = trainer.target.score(samples)
-            log_prior = trainer._log_probs(trainer.prior, samples)
-            log_target = trainer.target.log_prob(log_prior, scores)
+            samples = lm.sample(batch_size, decoding, generator, model=policy)
+            scores = target.score(samples)
+            log_prior = lm.log_probs(samples)
+            log_target = target.log_prob(log_prior, scores)
         for name in OBJECTIVES_COMPARED:
-            log_policy = trainer._log_probs(trainer.policy, samples)
+            log_policy = lm.log_probs(samples, model=policy)
             batch = Batch(log_policy, log_policy.detach(), log_prior, log_target, log_z, scores.reward)
             loss, _ = OBJECTIVES[name].loss(batch)
             grads = torch.autograd.grad(loss, params)
@@ -71,14 +76,19 @@ def main() -> None:
     cfg = compose_config([*args.overrides, "logger=none"])
     trainer = build_trainer(cfg)
     trainer.calibrate()
-    cases = [("prior (" + " ".join(args.overrides) + ")", trainer)]
-    for run in args.run:
-        cases.append((str(run), load_run(run)))
+    cases = [("prior (" + " ".join(args.overrides) + ")", trainer.lm, trainer.policy, trainer.target,
+              trainer.log_z.value, cfg.train.max_new_tokens)]
+    for run_dir in args.run:
+        run = load_run(run_dir)
+        policy = run.policy.requires_grad_(True)
+        cases.append((str(run_dir), run.lm, policy, run.target, run.log_z.value, run.cfg.train.max_new_tokens))
     rows, report = [], {}
-    for label, trainer in cases:
-        trainer.generator.manual_seed(args.seed)
+    for label, lm, policy, target, log_z, max_new_tokens in cases:
+        generator = torch.Generator(lm.device).manual_seed(args.seed)
         started = time.perf_counter()
-        result = gradient_moments(trainer, args.minibatches, args.batch_size)
+        result = gradient_moments(
+            lm, policy, target, log_z, Decoding(max_new_tokens), generator, args.minibatches, args.batch_size
+        )
         report[label] = result
         ratio = result["dpg_baseline"]["trace_cov"] / result["dpg"]["trace_cov"]
         rows.append((label, result, ratio, time.perf_counter() - started))

@@ -42,11 +42,15 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     """Load a checkpoint, or raise a one-line :class:`CheckpointError` saying what is wrong."""
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"no checkpoint at {path}: the run never reached its first checkpoint")
+        raise CheckpointError(
+            f"no checkpoint at {path}: the run never reached its first checkpoint"
+        )
     try:
         # our own files: they hold optimizer state and RNG states, not just tensors
         return torch.load(path, map_location=map_location, weights_only=False)
     except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, OSError) as error:
         text = str(error).strip()
         reason = text.splitlines()[0].split(". ")[0][:120] if text else type(error).__name__
-        raise CheckpointError(f"checkpoint {path} is corrupt or truncated ({reason}); restore a copy or start a new run") from error
+        raise CheckpointError(
+            f"checkpoint {path} is corrupt or truncated ({reason}); restore a copy or start a new run"
+        ) from error

@@ -6,31 +6,33 @@ second with one line naming the bad key or option and the valid ones, before a m
 
 from __future__ import annotations
 
-import difflib
 import importlib.util
 import os
-import re
 import sys
 import time
 from pathlib import Path
 from typing import Any, List, Optional
 
 import typer
-from hydra import compose, initialize_config_dir
-from hydra.core.override_parser.overrides_parser import OverridesParser
-from hydra.core.override_parser.types import Glob, IntervalSweep, Override
-from hydra.errors import HydraException, OverrideParseException
 from omegaconf import DictConfig, OmegaConf
 from transformers.utils import logging as hf_logging
 
-from dmtune.config import register_configs, validate
+from dmtune import metrics as m
+from dmtune.overrides import (
+    ConfigError,
+    eval_config,
+    group_options,
+    resume_overrides,
+    run_hydra_main,
+    sweep_jobs,
+)
+from dmtune.overrides import compose_config as _compose
 
 # The CLI shows its own progress bar and summary; transformers' loading/saving bars and
 # advice messages would only interleave with them.
 hf_logging.set_verbosity_error()
 hf_logging.disable_progress_bar()
 
-CONF_DIR = Path(__file__).parent / "conf"
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 
@@ -45,11 +47,17 @@ app = typer.Typer(
     rich_markup_mode=None,  # Hydra's list syntax [a,b] is not markup
 )
 
-OVERRIDES = typer.Argument(None, help="Hydra overrides, e.g. objective=kl_dpg constraint=sentiment train.steps=100", show_default=False)
+OVERRIDES = typer.Argument(
+    None,
+    help="Hydra overrides, e.g. objective=kl_dpg constraint=sentiment train.steps=100",
+    show_default=False,
+)
 
 
 # shared by the commands that read a run and sample from it (sample, eval)
-RUN_DIR = typer.Argument(..., help="A run dir written by `dmtune train`.", exists=True, file_okay=False)
+RUN_DIR = typer.Argument(
+    ..., help="A run dir written by `dmtune train`.", exists=True, file_okay=False
+)
 TEMPERATURE = typer.Option(1.0, help="Sampling temperature (1 = the policy's own distribution).")
 TOP_P = typer.Option(1.0, help="Nucleus sampling mass (1 = off).")
 TOP_K = typer.Option(0, help="Top-k sampling (0 = off).")
@@ -62,172 +70,56 @@ def fail(message: str) -> None:
 
 
 def compose_config(overrides: list[str]) -> DictConfig:
-    """Compose and validate, turning Hydra's and our errors into one line each."""
-    register_configs()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        try:
-            cfg = compose("config", overrides=overrides)
-        except HydraException as error:
-            fail(explain_compose_error(error, overrides))
+    """The composed, validated config; a bad override is one line on stderr and exit code 2."""
     try:
-        validate(cfg)
-    except ValueError as error:
+        return _compose(overrides)
+    except ConfigError as error:
         fail(str(error))
-    return cfg
 
 
-def explain_compose_error(error: Exception, overrides: list[str]) -> str:
-    """One line for a failed composition: the bad key or option and what would be valid."""
-    text = str(error)
-    missing = re.search(r"Could not find '([^']+)/([^']+)'", text)
-    if missing:
-        group, option = missing.groups()
-        options = _group_options(group)
-        return f"{group}={option} is not an option of {group}; valid: {', '.join(options)}{_did_you_mean(option, options)}"
-    unknown = re.search(r"Could not override '([^']+)'", text)
-    if unknown:
-        key = unknown.group(1)
-        parent, _, leaf = key.rpartition(".")
-        valid = _keys_at(parent, [o for o in overrides if not o.lstrip("+~").startswith(key + "=")])
-        where = f"keys of {parent}" if parent else "top-level keys and groups"
-        return f"unknown key {key!r}; valid {where}: {', '.join(valid)}{_did_you_mean(leaf, valid)}"
-    cause = error.__cause__
-    detail = str(cause).strip().splitlines()[0] if cause is not None and str(cause).strip() else text.splitlines()[0]
-    return f"{text.splitlines()[0]}: {detail}" if detail not in text else text.splitlines()[0]
+def _train_task(cfg: DictConfig) -> dict[str, float | None]:
+    """One Hydra job: train in Hydra's run dir, print the summary; a job's return value is what
+    hydra/sweeper=optuna optimises."""
+    from hydra.core.hydra_config import HydraConfig
 
+    from dmtune.priors import PriorUnavailableError
+    from dmtune.run import train as train_run
 
-def _keys_at(path: str, overrides: list[str]) -> list[str]:
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
-        cfg = compose("config", overrides=overrides)
-    except HydraException:
-        cfg = compose("config")
-    node = OmegaConf.select(cfg, path) if path else cfg
-    keys = set(node.keys()) if isinstance(node, DictConfig) else set()
-    if not path:  # config groups such as experiment leave no node of their own
-        keys |= {p.name for p in CONF_DIR.iterdir() if p.is_dir()}
-    return sorted(keys)
-
-
-def _did_you_mean(word: str, choices: list[str]) -> str:
-    close = difflib.get_close_matches(word, choices, n=1)
-    return f" (did you mean {close[0]!r}?)" if close else ""
-
-
-def _resume_overrides(overrides: list[str]) -> list[str]:
-    """``resume=RUN_DIR``: the run's own overrides, then the new ones, in the same run dir."""
-    resume = [o.split("=", 1)[1] for o in overrides if o.startswith("resume=")]
-    if not resume:
-        return overrides
-    run_dir = Path(resume[-1]).resolve()
-    saved = _saved_overrides(run_dir, f"resume={resume[-1]}")
-    new = [o for o in overrides if not o.startswith("resume=")]
-    return [*saved, *new, f"resume={run_dir}", f"hydra.run.dir={run_dir}"]
-
-
-def _saved_overrides(run_dir: Path, what: str) -> list[str]:
-    """The overrides a run was launched with, less its own resume= and run dir (one line if none)."""
-    saved_file = run_dir / ".hydra" / "overrides.yaml"
-    if not saved_file.is_file():
-        fail(f"{what} is not a dmtune run dir (no .hydra/overrides.yaml there)")
-    return [o for o in OmegaConf.load(saved_file) if not o.startswith(("resume=", "hydra.run.dir="))]
-
-
-def _run_hydra_main(overrides: list[str], multirun: bool = False) -> None:
-    """Hand over to Hydra's own main (run dirs, .hydra/, launchers, sweepers) with these overrides."""
-    import hydra
-
-    register_configs()
-
-    @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
-    def task(cfg: DictConfig) -> dict[str, float | None]:
-        from hydra.core.hydra_config import HydraConfig
-
-        from dmtune.priors import PriorUnavailableError
-        from dmtune.run import train
-
-        run_dir = Path(HydraConfig.get().runtime.output_dir)
-        try:
-            summary = train(cfg, run_dir)
-        except (ValueError, PriorUnavailableError) as error:  # CheckpointError is a ValueError
-            if os.environ.get("HYDRA_FULL_ERROR") == "1":
-                raise
-            typer.echo(f"error: {str(error).splitlines()[0]}", err=True)
-            sys.exit(EXIT_USAGE)
-        print_summary(summary)
-        if summary["stopped_by_signal"] is not None:
-            typer.echo(f"stopped at step {summary['steps']}; checkpoint saved; resume with: dmtune train resume={run_dir}", err=True)
-            sys.exit(EXIT_INTERRUPTED)
-        return summary["final"]  # a job's return value: what hydra/sweeper=optuna optimises
-
-    argv = sys.argv
-    sys.argv = ["dmtune", *(["--multirun"] if multirun else []), *overrides]
-    try:
-        task()
-    finally:
-        sys.argv = argv
-
-
-def sweep_jobs(overrides: list[str], searching: bool = False) -> list[list[str]]:
-    """Override lists that check every swept value once: each with the others at their first value.
-
-    Comma lists, ``range()`` and ``glob()`` (over a group's options) are expanded as Hydra
-    would; ``interval()`` (only for a searching sweeper) by its two ends; ``hydra...``
-    overrides are left to Hydra.
-    """
-    try:
-        parsed = [o for o in OverridesParser.create().parse_overrides(overrides) if not o.is_hydra_override()]
-    except OverrideParseException as error:
-        fail(str(error).strip().splitlines()[0])
-    base: list[str] = []
-    swept: list[tuple[int, str, list[str]]] = []
-    for override in parsed:
-        key = override.input_line.split("=", 1)[0]
-        if override.is_sweep_override():
-            if isinstance(override.value(), IntervalSweep) and not searching:
-                fail(f"{override.input_line} is a search interval: add hydra/sweeper=optuna, or list values (a,b,c) or range()")
-            values = _sweep_values(override, key)
-            if not values:
-                fail(f"{override.input_line} selects nothing; options of {key}: {', '.join(_group_options(key))}")
-            swept.append((len(base), key, values))
-            base.append(f"{key}={values[0]}")
-        else:
-            base.append(override.input_line)
-    jobs = [base]
-    for index, key, values in swept:
-        jobs += [[*base[:index], f"{key}={value}", *base[index + 1 :]] for value in values[1:]]
-    return jobs
-
-
-def _sweep_values(override: Override, key: str) -> list[str]:
-    value = override.value()
-    if isinstance(value, Glob):
-        return value.filter(_group_options(key))
-    if isinstance(value, IntervalSweep):  # hydra/sweeper=optuna searches it; check both ends
-        return [repr(float(value.start)), repr(float(value.end))]
-    return list(override.sweep_string_iterator())
-
-
-def _group_options(group: str) -> list[str]:
-    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+        summary = train_run(cfg, run_dir)
+    except (ValueError, PriorUnavailableError) as error:  # CheckpointError is a ValueError
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        typer.echo(f"error: {str(error).splitlines()[0]}", err=True)
+        sys.exit(EXIT_USAGE)
+    print_summary(summary)
+    if summary["stopped_by_signal"] is not None:
+        typer.echo(
+            f"stopped at step {summary['steps']}; checkpoint saved; resume with: dmtune train resume={run_dir}",
+            err=True,
+        )
+        sys.exit(EXIT_INTERRUPTED)
+    return summary["final"]
 
 
 def print_summary(summary: dict[str, Any]) -> None:
     """The one-screen end-of-run summary ("n/a" where no step ran, e.g. resuming a finished run)."""
-    from dmtune.run import SHOWN
-
     final = summary["final"]
 
     def shown(value: float | None) -> str:
         return "n/a" if value is None else f"{value:.3f}"
 
-    lines = [f"\n{summary['objective']}: {summary['steps']} steps, {summary['samples_seen']} samples in {summary['wall_s']:.0f} s"]
+    lines = [
+        f"\n{summary['objective']}: {summary['steps']} steps, {summary['samples_seen']} samples in {summary['wall_s']:.0f} s"
+    ]
     for key, base in summary["prior"].items():
         if key.endswith("_target"):
             continue
         goal = summary["prior"].get(f"{key}_target")
         goal_text = f"  (target {goal:.3g})" if goal is not None else ""
         lines.append(f"  {key:<34} prior {base:.3f} → {shown(final.get(key))}{goal_text}")
-    for key in SHOWN:
+    for key in m.SHOWN:
         lines.append(f"  {key:<34} {shown(final.get(key))}")
     lines.append(f"  run dir: {summary['run_dir']}")
     typer.echo("\n".join(lines))
@@ -246,17 +138,32 @@ def train(overrides: Optional[List[str]] = OVERRIDES) -> None:
       dmtune train 'constraint=[sentiment,word]'   # quoted: [] is a shell glob
       dmtune train resume=outputs/2026-11-22/10-00-00_default_dpg_baseline
     """
-    overrides = _resume_overrides(list(overrides or []))
+    try:
+        overrides = resume_overrides(list(overrides or []))
+    except ConfigError as error:
+        fail(str(error))
     compose_config([o for o in overrides if not o.startswith("hydra.")])
-    _run_hydra_main(overrides)
+    run_hydra_main(_train_task, overrides)
 
 
 @app.command(context_settings={"allow_interspersed_args": False})
 def sweep(
-    wandb_yaml: Optional[Path] = typer.Option(None, "--wandb-yaml", help="Write a W&B sweep config here instead of running (then: wandb sweep FILE; wandb agent ID)."),
-    metric: Optional[str] = typer.Option(None, help="With --wandb-yaml: the metric W&B optimises or reports, e.g. constraint/positive."),
-    goal: str = typer.Option("maximize", help="With --wandb-yaml: maximize or minimize the metric."),
-    method: Optional[str] = typer.Option(None, help="With --wandb-yaml: grid, random or bayes (default: grid, or bayes/random when an interval() is searched)."),
+    wandb_yaml: Optional[Path] = typer.Option(
+        None,
+        "--wandb-yaml",
+        help="Write a W&B sweep config here instead of running (then: wandb sweep FILE; wandb agent ID).",
+    ),
+    metric: Optional[str] = typer.Option(
+        None,
+        help="With --wandb-yaml: the metric W&B optimises or reports, e.g. constraint/positive.",
+    ),
+    goal: str = typer.Option(
+        "maximize", help="With --wandb-yaml: maximize or minimize the metric."
+    ),
+    method: Optional[str] = typer.Option(
+        None,
+        help="With --wandb-yaml: grid, random or bayes (default: grid, or bayes/random when an interval() is searched).",
+    ),
     overrides: Optional[List[str]] = OVERRIDES,
 ) -> None:
     """Run a grid of trainings (Hydra multirun): one run dir per job, one W&B group per sweep.
@@ -283,40 +190,67 @@ def sweep(
         return
     if any(o.startswith("resume=") for o in overrides):
         fail("a sweep cannot resume; resume each job with: dmtune train resume=RUN_DIR")
-    launcher = next((o.split("=", 1)[1] for o in overrides if o.startswith("hydra/launcher=")), "basic")
+    launcher = next(
+        (o.split("=", 1)[1] for o in overrides if o.startswith("hydra/launcher=")), "basic"
+    )
     if launcher == "slurm" or launcher.startswith("submitit"):
-        _require("hydra_plugins.hydra_submitit_launcher", f"hydra/launcher={launcher} needs submitit: pip install 'dmtune[slurm]'")
+        _require(
+            "hydra_plugins.hydra_submitit_launcher",
+            f"hydra/launcher={launcher} needs submitit: pip install 'dmtune[slurm]'",
+        )
     optuna = "hydra/sweeper=optuna" in overrides
     if optuna:
         _require("optuna", "hydra/sweeper=optuna needs Optuna: pip install 'dmtune[optuna]'")
         if not any(o.startswith("hydra.sweeper.metric=") for o in overrides):
-            fail("hydra/sweeper=optuna needs a metric to optimise, e.g. hydra.sweeper.metric=constraint/positive")
-    for job in sweep_jobs(overrides, searching=optuna):
+            fail(
+                "hydra/sweeper=optuna needs a metric to optimise, e.g. hydra.sweeper.metric=constraint/positive"
+            )
+    for job in _sweep_jobs(overrides, searching=optuna):
         compose_config(job)
     if not any(o.startswith("logger.group=") for o in overrides):
         overrides.append(f"logger.group=sweep_{time.strftime('%Y-%m-%d_%H-%M-%S')}")
-    if "hydra/launcher=joblib" in overrides and not any(o.startswith("device.threads=") for o in overrides):
-        overrides.append("device.threads=1")  # parallel workers share the cores: one torch thread each
-    _run_hydra_main(overrides, multirun=True)
+    if "hydra/launcher=joblib" in overrides and not any(
+        o.startswith("device.threads=") for o in overrides
+    ):
+        overrides.append(
+            "device.threads=1"
+        )  # parallel workers share the cores: one torch thread each
+    run_hydra_main(_train_task, overrides, multirun=True)
+
+
+def _sweep_jobs(overrides: list[str], searching: bool) -> list[list[str]]:
+    try:
+        return sweep_jobs(overrides, searching=searching)
+    except ConfigError as error:
+        fail(str(error))
 
 
 def _require(module: str, message: str) -> None:
     """One line naming the extra to install when an optional plugin is missing."""
-    if importlib.util.find_spec(module.split(".")[0]) is None or importlib.util.find_spec(module) is None:
+    if (
+        importlib.util.find_spec(module.split(".")[0]) is None
+        or importlib.util.find_spec(module) is None
+    ):
         fail(message)
 
 
-def _write_wandb_sweep(path: Path, overrides: list[str], metric: str | None, goal: str, method: str | None) -> None:
+def _write_wandb_sweep(
+    path: Path, overrides: list[str], metric: str | None, goal: str, method: str | None
+) -> None:
     from dmtune.wandb_sweep import wandb_sweep_config
 
-    for job in sweep_jobs(overrides, searching=True):
+    for job in _sweep_jobs(overrides, searching=True):
         compose_config(job)
     try:
-        config = wandb_sweep_config(overrides, _group_options, metric=metric, goal=goal, method=method)
+        config = wandb_sweep_config(
+            overrides, group_options, metric=metric, goal=goal, method=method
+        )
     except ValueError as error:
         fail(str(error))
     path.write_text(OmegaConf.to_yaml(OmegaConf.create(config)))
-    typer.echo(f"wrote {path}; run it with: wandb sweep {path}  then: wandb agent <the sweep id it prints>")
+    typer.echo(
+        f"wrote {path}; run it with: wandb sweep {path}  then: wandb agent <the sweep id it prints>"
+    )
 
 
 @app.command("eval")
@@ -327,8 +261,16 @@ def evaluate(
     top_p: float = TOP_P,
     top_k: int = TOP_K,
     seed: int = typer.Option(1234, help="Seed of the sampler."),
-    wandb_mode: Optional[str] = typer.Option(None, "--wandb", help="W&B mode for the eval run: online, offline, disabled (default: the run's)."),
-    overrides: Optional[List[str]] = typer.Argument(None, help="Overrides of the run's config, e.g. constraint=gender (another target) or device=cpu.", show_default=False),
+    wandb_mode: Optional[str] = typer.Option(
+        None,
+        "--wandb",
+        help="W&B mode for the eval run: online, offline, disabled (default: the run's).",
+    ),
+    overrides: Optional[List[str]] = typer.Argument(
+        None,
+        help="Overrides of the run's config, e.g. constraint=gender (another target) or device=cpu.",
+        show_default=False,
+    ),
 ) -> None:
     """Evaluate a run's last checkpoint on fresh samples; writes RUN_DIR/eval.json.
 
@@ -346,14 +288,27 @@ def evaluate(
       dmtune eval RUN_DIR -n 4096 --top-p 0.9
       dmtune eval RUN_DIR constraint=gender      # the same policy against another target
     """
-    from dmtune.evaluate import eval_name, evaluate_run
+    from dmtune.evaluate import evaluate_run
     from dmtune.priors import PriorUnavailableError
+    from dmtune.rundir import RunDir
 
     overrides = list(overrides or [])
-    cfg = _eval_config(run_dir, overrides) if overrides else None
     try:
-        report = evaluate_run(run_dir, n=n, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
-                              wandb_mode=wandb_mode, cfg=cfg, overrides=overrides)
+        cfg = eval_config(run_dir, overrides) if overrides else None
+    except ConfigError as error:
+        fail(str(error))
+    try:
+        report = evaluate_run(
+            run_dir,
+            n=n,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            seed=seed,
+            wandb_mode=wandb_mode,
+            cfg=cfg,
+            overrides=overrides,
+        )
     except (ValueError, PriorUnavailableError) as error:  # CheckpointError is a ValueError
         fail(str(error).splitlines()[0])
     errors = report["standard_errors"]
@@ -361,25 +316,31 @@ def evaluate(
     for key, value in report["metrics"].items():
         error = f" ± {errors[key]:.3g}" if key in errors else ""
         typer.echo(f"  {key:<36} {value:.4g}{error}")
-    typer.echo(f"wrote {run_dir / (eval_name(overrides) + '.json')}")
-
-
-def _eval_config(run_dir: Path, overrides: list[str]) -> DictConfig:
-    """The run's config recomposed from its own overrides, then these (validated, one-line errors)."""
-    fixed = [o for o in overrides if o.lstrip("+~").split("=", 1)[0].split(".", 1)[0] in ("model", "objective", "seed")]
-    if fixed:
-        fail(f"{fixed[0]}: eval measures the run's own policy; the model, objective and seed are the run's (override constraint, train, device, logger)")
-    saved = [o for o in _saved_overrides(run_dir, str(run_dir)) if not o.startswith("hydra.")]
-    return compose_config([*saved, *overrides])
+    typer.echo(f"wrote {RunDir(run_dir).eval_report(overrides)}")
 
 
 @app.command()
 def compare(
-    paths: List[Path] = typer.Argument(..., help="Run dirs or sweep dirs (searched recursively).", exists=True),
-    metric: Optional[List[str]] = typer.Option(None, "--metric", "-m", help="A metric to show (repeatable); default: constraint rates, KL(p‖π), KL(π‖a), distinct-2."),
-    out: Optional[Path] = typer.Option(None, help="Where to write compare.png/.html/.json (default: the first path)."),
-    by: Optional[List[str]] = typer.Option(None, "--by", help="Group runs by this config key instead of the objective (repeatable), e.g. train.lr."),
-    smooth: int = typer.Option(1, min=1, help="Plot moving averages over this many logged points (the table stays raw)."),
+    paths: List[Path] = typer.Argument(
+        ..., help="Run dirs or sweep dirs (searched recursively).", exists=True
+    ),
+    metric: Optional[List[str]] = typer.Option(
+        None,
+        "--metric",
+        "-m",
+        help="A metric to show (repeatable); default: constraint rates, KL(p‖π), KL(π‖a), distinct-2.",
+    ),
+    out: Optional[Path] = typer.Option(
+        None, help="Where to write compare.png/.html/.json (default: the first path)."
+    ),
+    by: Optional[List[str]] = typer.Option(
+        None,
+        "--by",
+        help="Group runs by this config key instead of the objective (repeatable), e.g. train.lr.",
+    ),
+    smooth: int = typer.Option(
+        1, min=1, help="Plot moving averages over this many logged points (the table stays raw)."
+    ),
 ) -> None:
     """Compare runs offline: a table of final values (mean ± std over seeds, per objective or --by value) and
     plots against samples seen, as PNG and a self-contained HTML page.
@@ -394,7 +355,9 @@ def compare(
 
     target_dir = out or (paths[0] if paths[0].is_dir() else paths[0].parent)
     try:
-        table, _ = compare_runs(list(paths), list(metric or []), target_dir, by=list(by or []), smooth=smooth)
+        table, _ = compare_runs(
+            list(paths), list(metric or []), target_dir, by=list(by or []), smooth=smooth
+        )
     except ValueError as error:
         fail(str(error).splitlines()[0])
     typer.echo(table)
@@ -428,10 +391,12 @@ def sample(
       dmtune sample outputs/2026-11-22/10-00-00_default_dpg_baseline -n 16
     """
     from dmtune.priors import PriorUnavailableError
-    from dmtune.run import sample_run
+    from dmtune.rundir import sample_run
 
     try:
-        rows = sample_run(run_dir, n=n, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
+        rows = sample_run(
+            run_dir, n=n, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed
+        )
     except (ValueError, PriorUnavailableError) as error:  # CheckpointError is a ValueError
         fail(str(error).splitlines()[0])
     for row in rows:

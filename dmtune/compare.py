@@ -19,10 +19,11 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
+from dmtune import metrics as m
 from dmtune.loggers import read_jsonl
+from dmtune.rundir import RunDir
 
 _MISSING = object()
-DEFAULT_METRICS = ("divergence/kl_target_policy", "divergence/kl_policy_prior", "diversity/distinct_2")
 
 
 @dataclass
@@ -38,10 +39,12 @@ def find_runs(paths: list[Path], by: list[str] | None = None) -> list[Run]:
 
     Runs are grouped by objective, or by the values of the config keys ``by`` (e.g. train.lr).
     """
-    found = sorted({m.parent for p in paths for m in ([p / "metrics.jsonl"] if (p / "metrics.jsonl").is_file() else p.rglob("metrics.jsonl"))
-                    if (m.parent / ".hydra" / "config.yaml").is_file()}, key=_natural)
+    candidates = {*paths, *(f.parent for p in paths for f in p.rglob(RunDir(p).metrics.name))}
+    found = sorted((c for c in candidates if RunDir(c).is_run()), key=_natural)
     if not found:
-        raise ValueError(f"no run dirs (metrics.jsonl with .hydra/config.yaml) under {', '.join(map(str, paths))}")
+        raise ValueError(
+            f"no run dirs (metrics.jsonl with .hydra/config.yaml) under {', '.join(map(str, paths))}"
+        )
     return [_load(run_dir, by or []) for run_dir in found]
 
 
@@ -51,23 +54,27 @@ def _natural(path: Path) -> list:
 
 
 def _load(run_dir: Path, by: list[str]) -> Run:
-    cfg = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
-    group = cfg.objective.name + (f":{cfg.objective.divergence}" if cfg.objective.get("divergence") else "")
+    run = RunDir(run_dir)
+    cfg = run.load_config()
+    group = cfg.objective.name + (
+        f":{cfg.objective.divergence}" if cfg.objective.get("divergence") else ""
+    )
     if by:
         values = {key: OmegaConf.select(cfg, key, default=_MISSING) for key in by}
         missing = [key for key, value in values.items() if value is _MISSING]
         if missing:
-            raise ValueError(f"--by {missing[0]}: {run_dir} has no config key {missing[0]!r} (keys look like objective.beta, train.lr, constraint.name)")
+            raise ValueError(
+                f"--by {missing[0]}: {run_dir} has no config key {missing[0]!r} (keys look like objective.beta, train.lr, constraint.name)"
+            )
         group = ", ".join(f"{key}={value}" for key, value in values.items())
-    evaluation = json.loads((run_dir / "eval.json").read_text())["metrics"] if (run_dir / "eval.json").is_file() else None
-    return Run(run_dir, group, read_jsonl(run_dir / "metrics.jsonl"), evaluation)
+    return Run(run_dir, group, read_jsonl(run.metrics), run.read_eval())
 
 
 def default_metrics(runs: list[Run]) -> list[str]:
     """The constraint rates, then the divergences and diversity of the glossary."""
     keys = {k for run in runs for row in run.history for k in row}
-    constraints = sorted(k for k in keys if k.startswith("constraint/") and not k.endswith("_target"))
-    return [*constraints, *(k for k in DEFAULT_METRICS if k in keys)]
+    constraints = sorted(k for k in keys if m.is_constraint_rate(k))
+    return [*constraints, *(k for k in m.COMPARED if k in keys)]
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
@@ -101,7 +108,10 @@ def _final(run: Run, metric: str) -> float | None:
 
 def _curve(members: list[Run], metric: str) -> list[tuple[int, float, float]]:
     """(samples_seen, mean, std) at the sample counts every run of the group logged."""
-    per_run = [{row["samples_seen"]: row[metric] for row in run.history if metric in row} for run in members]
+    per_run = [
+        {row[m.SAMPLES_SEEN]: row[metric] for row in run.history if metric in row}
+        for run in members
+    ]
     common = sorted(set.intersection(*(set(r) for r in per_run))) if per_run else []
     return [(x, *_mean_std([r[x] for r in per_run])) for x in common]
 
@@ -109,7 +119,10 @@ def _curve(members: list[Run], metric: str) -> list[tuple[int, float, float]]:
 def format_table(summary: dict[str, Any], metrics: list[str]) -> str:
     """A plain-text table: one row per group, mean ± std of each final metric."""
     header = ["group", "runs", *metrics]
-    rows = [[group, str(len(s["runs"])), *(_cell(s["final"].get(m)) for m in metrics)] for group, s in summary.items()]
+    rows = [
+        [group, str(len(s["runs"])), *(_cell(s["final"].get(m)) for m in metrics)]
+        for group, s in summary.items()
+    ]
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in [header, *rows]]
     return "\n".join([lines[0], "-" * len(lines[0]), *lines[1:]])
@@ -150,10 +163,14 @@ def plot(summary: dict[str, Any], metrics: list[str], path: Path, smooth: int = 
             x, mean, std = zip(*curve)
             mean, std = _smoothed(list(mean), smooth), _smoothed(list(std), smooth)
             axis.plot(x, mean, label=group)
-            axis.fill_between(x, [m - d for m, d in zip(mean, std)], [m + d for m, d in zip(mean, std)], alpha=0.2)
-        axis.set_title(metric + (f" (moving average of {smooth})" if smooth > 1 else ""), fontsize=10)
+            axis.fill_between(
+                x, [m - d for m, d in zip(mean, std)], [m + d for m, d in zip(mean, std)], alpha=0.2
+            )
+        axis.set_title(
+            metric + (f" (moving average of {smooth})" if smooth > 1 else ""), fontsize=10
+        )
         axis.set_xlabel("samples seen")
-    for axis in list(axes.flat)[len(metrics):]:
+    for axis in list(axes.flat)[len(metrics) :]:
         axis.set_visible(False)
     axes.flat[0].legend(fontsize=8)
     figure.tight_layout()
@@ -165,7 +182,12 @@ def write_html(summary: dict[str, Any], metrics: list[str], png: Path, path: Pat
     """A page with the table and the plot embedded (base64), readable with no server or files beside it."""
     head = "".join(f"<th>{html.escape(m)}</th>" for m in ["group", "runs", *metrics])
     body = "".join(
-        "<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in [g, str(len(s["runs"])), *(_cell(s["final"].get(m)) for m in metrics)]) + "</tr>"
+        "<tr>"
+        + "".join(
+            f"<td>{html.escape(c)}</td>"
+            for c in [g, str(len(s["runs"])), *(_cell(s["final"].get(m)) for m in metrics)]
+        )
+        + "</tr>"
         for g, s in summary.items()
     )
     image = base64.b64encode(png.read_bytes()).decode()
@@ -178,7 +200,11 @@ def write_html(summary: dict[str, Any], metrics: list[str], png: Path, path: Pat
 
 
 def compare(
-    paths: list[Path], metrics: list[str] | None, out: Path, by: list[str] | None = None, smooth: int = 1
+    paths: list[Path],
+    metrics: list[str] | None,
+    out: Path,
+    by: list[str] | None = None,
+    smooth: int = 1,
 ) -> tuple[str, dict[str, Any]]:
     """Table, PNG, HTML and JSON for the runs under ``paths``; returns the table and the numbers."""
     runs = find_runs(paths, by)

@@ -7,12 +7,11 @@ a schema cannot: objective names, feature kinds and roles, moments, device names
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, DictConfig
+from omegaconf import MISSING, DictConfig, OmegaConf
 
 ROLES = ("pointwise", "distributional", "reward")
 DEVICES = ("auto", "cpu", "cuda")
@@ -20,7 +19,9 @@ DEVICES = ("auto", "cpu", "cuda")
 
 @dataclass
 class ToyConfig:
-    words: List[str] = field(default_factory=lambda: ["a", "b", "c", "d"])  # the toy vocabulary besides EOS
+    words: List[str] = field(
+        default_factory=lambda: ["a", "b", "c", "d"]
+    )  # the toy vocabulary besides EOS
     seed: int = 0  # seeds the toy prior's weights
     n_layer: int = 2
     n_embd: int = 16
@@ -35,7 +36,9 @@ class ModelConfig:
 
 @dataclass
 class FeatureConfig:
-    kind: str = MISSING  # sentiment, word, wordlist, female, token, ... (dmtune.constraints.FEATURE_KINDS)
+    kind: str = (
+        MISSING  # sentiment, word, wordlist, female, token, ... (dmtune.constraints.FEATURE_KINDS)
+    )
     role: str = "pointwise"  # pointwise (b ∈ {0,1}), distributional (moment matched) or reward
     moment: Optional[float] = None  # target moment μ̄, required when role=distributional
     params: Dict[str, Any] = field(default_factory=dict)  # the kind's own parameters
@@ -45,15 +48,6 @@ class FeatureConfig:
 class ConstraintConfig:
     name: str = "none"  # a label for run names and W&B tags
     features: Dict[str, FeatureConfig] = field(default_factory=dict)  # feature name → its config
-
-
-@dataclass
-class ObjectiveConfig:
-    name: str = MISSING  # reinforce, kl_control, dpg, dpg_baseline, kl_dpg, fdpg
-    baseline: Optional[str] = None  # reinforce, kl_control, fdpg: none, mean, loo or a number
-    beta: Optional[float] = None  # kl_control: weight of the KL penalty
-    divergence: Optional[str] = None  # fdpg: forward_kl, reverse_kl, js, tv
-    swap_every: int = 10  # kl_dpg: steps between proposal-swap checks
 
 
 @dataclass
@@ -71,6 +65,7 @@ class TrainConfig:
     eval_every: int = 25  # steps between sample tables, self-BLEU and exact metrics
     checkpoint_every: int = 50  # steps between checkpoints (one is always written at the end)
     logged_samples: int = 16  # samples per table at eval steps
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])  # AdamW's moment decay rates
 
 
 @dataclass
@@ -83,6 +78,9 @@ class DeviceConfig:
 
 @dataclass
 class LoggerConfig:
+    # where metrics go besides the run dir's metrics.jsonl (always written): [] or [wandb]
+    sinks: List[str] = field(default_factory=lambda: ["wandb"])
+    # W&B settings (also the run's identity on any dashboard: project, group, job type, tags)
     mode: str = "auto"  # auto (online when logged in, else offline), online, offline, disabled
     project: str = "dmtune"
     entity: Optional[str] = None
@@ -96,7 +94,9 @@ class LoggerConfig:
 class DmtuneConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     constraint: ConstraintConfig = field(default_factory=ConstraintConfig)
-    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    # name plus the objective's own hyperparameters (the loss's keyword-only parameters,
+    # dmtune.objectives.objective_params), checked against its signature by validate()
+    objective: Dict[str, Any] = field(default_factory=lambda: {"name": MISSING})
     train: TrainConfig = field(default_factory=TrainConfig)
     device: DeviceConfig = field(default_factory=DeviceConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
@@ -111,47 +111,39 @@ def register_configs() -> None:
     store.store(name="dmtune_schema", node=DmtuneConfig)
 
 
-def objective_kwargs(objective: ObjectiveConfig | DictConfig) -> dict[str, Any]:
-    """The keyword arguments of the objective's loss function that the config sets."""
-    kwargs: dict[str, Any] = {}
-    if objective.baseline is not None:
-        kwargs["baseline"] = _number_or_word(objective.baseline)
-    if objective.beta is not None:
-        kwargs["beta"] = float(objective.beta)
-    if objective.divergence is not None:
-        kwargs["divergence"] = objective.divergence
-    return kwargs
-
-
-def _number_or_word(value: str) -> float | str:
-    try:
-        return float(value)
-    except ValueError:
-        return value
+def objective_name_and_params(cfg: DictConfig) -> tuple[str, dict[str, Any]]:
+    """The objective's name and its hyperparameters (every other key of ``objective``)."""
+    objective = OmegaConf.to_container(cfg.objective, resolve=True)
+    return objective.pop("name"), objective
 
 
 def validate(cfg: DictConfig) -> None:
     """Checks beyond the schema; each failure is one line naming the value and the valid ones."""
+    from dmtune.build import SINKS
     from dmtune.constraints import FEATURE_KINDS, check_feature_params
-    from dmtune.objectives import OBJECTIVES
+    from dmtune.objectives import OBJECTIVES, check_objective_params
     from dmtune.priors import DTYPES
 
-    name = cfg.objective.name
+    name, params = objective_name_and_params(cfg)
     if name not in OBJECTIVES:
-        raise ValueError(f"objective.name={name!r} is not an objective; valid: {', '.join(OBJECTIVES)}")
-    accepted = _accepted_kwargs(name)
-    for key in objective_kwargs(cfg.objective):
-        if key not in accepted:
-            raise ValueError(f"objective.{key} is set but {name} takes no {key}; it takes: {', '.join(accepted) or 'nothing'}")
+        raise ValueError(
+            f"objective.name={name!r} is not an objective; valid: {', '.join(OBJECTIVES)}"
+        )
+    check_objective_params(name, params)
     for feature_name, feature in cfg.constraint.features.items():
         where = f"constraint.features.{feature_name}"
         if feature.kind not in FEATURE_KINDS:
-            raise ValueError(f"{where}.kind={feature.kind!r} is not a feature kind; valid: {', '.join(FEATURE_KINDS)}")
+            raise ValueError(
+                f"{where}.kind={feature.kind!r} is not a feature kind; valid: {', '.join(FEATURE_KINDS)}"
+            )
         check_feature_params(feature_name, feature.kind, feature.params)
         if feature.role not in ROLES:
             raise ValueError(f"{where}.role={feature.role!r}; valid: {', '.join(ROLES)}")
         if (feature.role == "distributional") != (feature.moment is not None):
-            raise ValueError(f"{where}: a moment is required for role=distributional and only then (role={feature.role}, moment={feature.moment})")
+            raise ValueError(
+                f"{where}: a moment is required for role=distributional and only then "
+                f"(role={feature.role}, moment={feature.moment})"
+            )
     rewards = [n for n, f in cfg.constraint.features.items() if f.role == "reward"]
     if len(rewards) > 1:
         raise ValueError(f"at most one feature may have role=reward; got {', '.join(rewards)}")
@@ -160,13 +152,16 @@ def validate(cfg: DictConfig) -> None:
         raise ValueError(f"device.name={device!r}; valid: {', '.join(DEVICES)} or cuda:N")
     if cfg.device.dtype not in DTYPES:
         raise ValueError(f"device.dtype={cfg.device.dtype!r}; valid: {', '.join(DTYPES)}")
-    for key in ("steps", "batch_size", "max_new_tokens", "log_every", "eval_every", "checkpoint_every"):
+    for key in (
+        "steps",
+        "batch_size",
+        "max_new_tokens",
+        "log_every",
+        "eval_every",
+        "checkpoint_every",
+    ):
         if cfg.train[key] < 1:
             raise ValueError(f"train.{key}={cfg.train[key]} must be at least 1")
-
-
-def _accepted_kwargs(objective: str) -> list[str]:
-    from dmtune.objectives import OBJECTIVES
-
-    params = inspect.signature(OBJECTIVES[objective].loss).parameters.values()
-    return [p.name for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY]
+    for sink in cfg.logger.sinks:
+        if sink not in SINKS:
+            raise ValueError(f"logger.sinks: {sink!r} is not a sink; valid: {', '.join(SINKS)}")

@@ -37,7 +37,10 @@ def _xlogy_terms(log_weight: torch.Tensor, log_ratio: torch.Tensor) -> torch.Ten
 
 
 def kl_target_model_terms(
-    log_target: torch.Tensor, log_proposal: torch.Tensor, log_model: torch.Tensor, log_z: torch.Tensor
+    log_target: torch.Tensor,
+    log_proposal: torch.Tensor,
+    log_model: torch.Tensor,
+    log_z: torch.Tensor,
 ) -> torch.Tensor:
     """Per-sample terms of ``KL(p‖m) ≈ mean_q[(P/(Ẑq)) (log P − log Ẑ − log m)]``."""
     log_p = log_target - log_z
@@ -45,14 +48,20 @@ def kl_target_model_terms(
 
 
 def kl_target_model(
-    log_target: torch.Tensor, log_proposal: torch.Tensor, log_model: torch.Tensor, log_z: torch.Tensor
+    log_target: torch.Tensor,
+    log_proposal: torch.Tensor,
+    log_model: torch.Tensor,
+    log_z: torch.Tensor,
 ) -> torch.Tensor:
     """``KL(p‖m)`` for any model m (the policy π, or the proposal q) on samples of q."""
     return kl_target_model_terms(log_target, log_proposal, log_model, log_z).mean()
 
 
 def tv_target_model_terms(
-    log_target: torch.Tensor, log_proposal: torch.Tensor, log_model: torch.Tensor, log_z: torch.Tensor
+    log_target: torch.Tensor,
+    log_proposal: torch.Tensor,
+    log_model: torch.Tensor,
+    log_z: torch.Tensor,
 ) -> torch.Tensor:
     """Per-sample terms of ``TV(p, m) ≈ ½ mean_q |m/q − P/(Ẑq)|``."""
     weight = torch.where(torch.isneginf(log_target), 0.0, (log_target - log_z - log_proposal).exp())
@@ -60,23 +69,32 @@ def tv_target_model_terms(
 
 
 def tv_target_model(
-    log_target: torch.Tensor, log_proposal: torch.Tensor, log_model: torch.Tensor, log_z: torch.Tensor
+    log_target: torch.Tensor,
+    log_proposal: torch.Tensor,
+    log_model: torch.Tensor,
+    log_z: torch.Tensor,
 ) -> torch.Tensor:
     """Total variation distance ``TV(p, m)`` on samples of q."""
     return tv_target_model_terms(log_target, log_proposal, log_model, log_z).mean()
 
 
-def kl_model_prior_terms(log_model: torch.Tensor, log_prior: torch.Tensor, log_proposal: torch.Tensor) -> torch.Tensor:
+def kl_model_prior_terms(
+    log_model: torch.Tensor, log_prior: torch.Tensor, log_proposal: torch.Tensor
+) -> torch.Tensor:
     """Per-sample terms of ``KL(m‖a) ≈ mean_q[(m/q)(log m − log a)]`` (= mean_m[...] when q = m)."""
     return (log_model - log_proposal).exp() * (log_model - log_prior)
 
 
-def kl_model_prior(log_model: torch.Tensor, log_prior: torch.Tensor, log_proposal: torch.Tensor) -> torch.Tensor:
+def kl_model_prior(
+    log_model: torch.Tensor, log_prior: torch.Tensor, log_proposal: torch.Tensor
+) -> torch.Tensor:
     """``KL(m‖a)``, importance-weighted when the samples come from q ≠ m."""
     return kl_model_prior_terms(log_model, log_prior, log_proposal).mean()
 
 
-def moments(values: torch.Tensor, log_model: torch.Tensor, log_proposal: torch.Tensor) -> torch.Tensor:
+def moments(
+    values: torch.Tensor, log_model: torch.Tensor, log_proposal: torch.Tensor
+) -> torch.Tensor:
     """``E_m[φ] ≈ mean_q[(m/q) φ]`` for (batch,) or (batch, k) values."""
     rho = (log_model - log_proposal).exp()
     return (rho.view(-1, *([1] * (values.dim() - 1))) * values).mean(0)
@@ -93,7 +111,10 @@ def effective_sample_size(log_weights: torch.Tensor) -> torch.Tensor:
 
 
 def terms_with_log_z_error(
-    terms_fn: Callable[..., torch.Tensor], log_target: torch.Tensor, log_proposal: torch.Tensor, log_model: torch.Tensor
+    terms_fn: Callable[..., torch.Tensor],
+    log_target: torch.Tensor,
+    log_proposal: torch.Tensor,
+    log_model: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-sample terms of a target-side estimate that uses ``log Ẑ`` of the same samples, and ``log Ẑ``.
 
@@ -105,7 +126,9 @@ def terms_with_log_z_error(
     with torch.enable_grad():
         terms = terms_fn(log_target, log_proposal, log_model, log_z_hat)
         (slope,) = torch.autograd.grad(terms.mean(), log_z_hat)
-    weight = torch.where(torch.isneginf(log_target), 0.0, (log_target - log_proposal - log_z_hat.detach()).exp())
+    weight = torch.where(
+        torch.isneginf(log_target), 0.0, (log_target - log_proposal - log_z_hat.detach()).exp()
+    )
     return terms.detach() + slope * (weight - 1.0), log_z_hat.detach()
 
 
@@ -129,16 +152,22 @@ def _ngram_counts(words: Sequence[str], max_n: int) -> list[Counter]:
     return [Counter(_ngrams(words, n)) for n in range(1, max_n + 1)]
 
 
-def _bleu_from_counts(hyp: list[Counter], hyp_len: int, refs: Sequence[list[Counter]], ref_lens: Sequence[int]) -> float:
+def _bleu_from_counts(
+    hyp: list[Counter], hyp_len: int, refs: Sequence[list[Counter]], ref_lens: Sequence[int]
+) -> float:
     if hyp_len == 0:
         return 0.0
     log_precision = 0.0
     for n, hyp_counts in enumerate(hyp, start=1):
-        clipped = sum(min(count, max(ref[n - 1][gram] for ref in refs)) for gram, count in hyp_counts.items())
+        clipped = sum(
+            min(count, max(ref[n - 1][gram] for ref in refs)) for gram, count in hyp_counts.items()
+        )
         smoothing = 1 if n > 1 else 0
         if clipped + smoothing == 0:
             return 0.0
-        log_precision += math.log((clipped + smoothing) / (sum(hyp_counts.values()) + smoothing)) / len(hyp)
+        log_precision += math.log(
+            (clipped + smoothing) / (sum(hyp_counts.values()) + smoothing)
+        ) / len(hyp)
     closest = min((abs(length - hyp_len), length) for length in ref_lens)[1] if ref_lens else 0
     return math.exp(log_precision + min(0.0, 1 - closest / hyp_len))
 
@@ -146,7 +175,9 @@ def _bleu_from_counts(hyp: list[Counter], hyp_len: int, refs: Sequence[list[Coun
 def bleu(hypothesis: Sequence[str], references: Sequence[Sequence[str]], max_n: int = 4) -> float:
     """Sentence BLEU+1 (Lin & Och 2004): add-one smoothing of the n ≥ 2 precisions."""
     refs = [_ngram_counts(r, max_n) for r in references]
-    return _bleu_from_counts(_ngram_counts(hypothesis, max_n), len(hypothesis), refs, [len(r) for r in references])
+    return _bleu_from_counts(
+        _ngram_counts(hypothesis, max_n), len(hypothesis), refs, [len(r) for r in references]
+    )
 
 
 def self_bleu(texts: Sequence[str], max_n: int = 4, max_hypotheses: int = 64) -> float:
@@ -161,7 +192,9 @@ def self_bleu(texts: Sequence[str], max_n: int = 4, max_hypotheses: int = 64) ->
     counts = [_ngram_counts(w, max_n) for w in words]
     lengths = [len(w) for w in words]
     scores = [
-        _bleu_from_counts(counts[i], lengths[i], counts[:i] + counts[i + 1 :], lengths[:i] + lengths[i + 1 :])
+        _bleu_from_counts(
+            counts[i], lengths[i], counts[:i] + counts[i + 1 :], lengths[:i] + lengths[i + 1 :]
+        )
         for i in range(min(len(words), max_hypotheses))
     ]
     return sum(scores) / len(scores)

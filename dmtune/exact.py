@@ -16,17 +16,15 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedModel, PreTrainedTokenizerFast
+from transformers import PreTrainedModel, PreTrainedTokenizerFast
 
-from dmtune.models import encode_prompts, filler_token_id, sequence_log_probs
+from dmtune import metrics as m
+from dmtune.lm import encode_prompts, filler_token_id, sequence_log_probs
 from dmtune.objectives import Batch
 from dmtune.sampling import Samples, decode_texts
 from dmtune.target import Target
 
 MAX_ENUMERATED_SEQUENCES = 500_000
-TOY_WORDS = ("a", "b", "c", "d")
-EOS_TOKEN = "<|endoftext|>"
 _SCORING_CHUNK = 8192
 
 
@@ -64,12 +62,18 @@ class ExactSpace:
     """The enumerated continuations of one prompt, ready to score with any model or feature."""
 
     def __init__(
-        self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, max_new_tokens: int, prompt: str = ""
+        self,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerFast,
+        max_new_tokens: int,
+        prompt: str = "",
     ) -> None:
         vocab_size = model.config.vocab_size
         filler = filler_token_id(tokenizer, vocab_size)
         device = next(model.parameters()).device
-        tokens, mask = enumerate_sequences(vocab_size, tokenizer.eos_token_id, max_new_tokens, filler)
+        tokens, mask = enumerate_sequences(
+            vocab_size, tokenizer.eos_token_id, max_new_tokens, filler
+        )
         prompt_ids, prompt_mask = encode_prompts(tokenizer, [prompt], filler, device)
         n = tokens.shape[0]
         self.samples = Samples(
@@ -134,16 +138,16 @@ def exact_metrics(
     log_pi = log_policy.detach().double()
     pi = log_pi.exp()
     metrics = {
-        "exact/log_z": truth.log_z.item(),
-        "exact/kl_target_policy": kl(truth.log_p, log_pi).item(),
-        "exact/kl_policy_prior": kl(log_pi, log_prior.double()).item(),
-        "exact/tv_target_policy": 0.5 * (pi - truth.log_p.exp()).abs().sum().item(),
-        "exact/entropy": -(pi * log_pi).sum().item(),
+        m.EXACT_LOG_Z: truth.log_z.item(),
+        m.EXACT_KL_TARGET_POLICY: kl(truth.log_p, log_pi).item(),
+        m.EXACT_KL_POLICY_PRIOR: kl(log_pi, log_prior.double()).item(),
+        m.EXACT_TV_TARGET_POLICY: 0.5 * (pi - truth.log_p.exp()).abs().sum().item(),
+        m.EXACT_ENTROPY: -(pi * log_pi).sum().item(),
     }
     if log_proposal is not None:
-        metrics["exact/kl_target_proposal"] = kl(truth.log_p, log_proposal.double()).item()
+        metrics[m.EXACT_KL_TARGET_PROPOSAL] = kl(truth.log_p, log_proposal.double()).item()
     for j, name in enumerate(feature_names):
-        metrics[f"exact/constraint/{name}"] = (pi * features[:, j].double()).sum().item()
+        metrics[m.exact_constraint(name)] = (pi * features[:, j].double()).sum().item()
     return metrics
 
 
@@ -152,51 +156,37 @@ def target_truth(space: ExactSpace, target: Target, log_prior: torch.Tensor) -> 
     return ExactTruth.from_log_target(target.log_prob(log_prior, target.score(space.samples)))
 
 
-def make_toy_tokenizer(words: tuple[str, ...] = TOY_WORDS) -> PreTrainedTokenizerFast:
-    """A word-level tokenizer: id 0 is EOS (also BOS), then one id per word. No pad entry, so
-    every id is a token the model can emit; padding uses a masked filler id."""
-    vocab = {EOS_TOKEN: 0, **{w: i + 1 for i, w in enumerate(words)}}
-    if len(vocab) != len(words) + 1:
-        raise ValueError(f"toy words must be distinct and differ from {EOS_TOKEN!r}: {words}")
-    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token=None))
-    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    backend.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
-    return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token=EOS_TOKEN, bos_token=EOS_TOKEN)
+class ExactOracle:
+    """Exact metrics of any policy against a target on one enumerated space.
 
-
-def make_toy_prior(
-    words: tuple[str, ...] = TOY_WORDS,
-    *,
-    seed: int = 0,
-    n_layer: int = 2,
-    n_embd: int = 16,
-    n_head: int = 2,
-    init_std: float = 0.4,
-    max_positions: int = 16,
-) -> tuple[GPT2LMHeadModel, PreTrainedTokenizerFast]:
-    """A real ``GPT2LMHeadModel`` over a handful of tokens, seeded, for exact mode.
-
-    A large initialiser (``init_std``) makes the seeded model far from uniform, so that targets,
-    features and learning curves are not degenerate; no training is needed.
+    The prior's log-probs are computed once; the normalised target is recomputed only when
+    the target's λ changes (after calibration, or another constraint set at eval).
     """
-    tokenizer = make_toy_tokenizer(words)
-    config = GPT2Config(
-        vocab_size=len(words) + 1,
-        n_positions=max_positions,
-        n_embd=n_embd,
-        n_layer=n_layer,
-        n_head=n_head,
-        initializer_range=init_std,
-        bos_token_id=0,
-        eos_token_id=0,
-        resid_pdrop=0.0,
-        embd_pdrop=0.0,
-        attn_pdrop=0.0,
-    )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = GPT2LMHeadModel(config)
-    return model.eval(), tokenizer
+
+    def __init__(self, space: ExactSpace, prior: PreTrainedModel) -> None:
+        self.space = space
+        self.prior = prior
+        self._truth: tuple[tuple[int, tuple[float, ...]], ExactTruth] | None = None
+
+    @torch.no_grad()
+    def metrics(
+        self, target: Target, policy: PreTrainedModel, proposal: PreTrainedModel | None = None
+    ) -> dict[str, float]:
+        log_prior = self.space.log_probs(self.prior)
+        key = (id(target), tuple(target.lambdas.tolist()))
+        if self._truth is None or self._truth[0] != key:
+            self._truth = (key, target_truth(self.space, target, log_prior))
+        scores = target.score(self.space.samples)
+        names = list(scores.by_name)
+        features = (
+            torch.stack([scores.by_name[n] for n in names], -1)
+            if names
+            else torch.zeros(len(self.space), 0)
+        )
+        log_proposal = self.space.log_probs(proposal) if proposal is not None else None
+        return exact_metrics(
+            self.space.log_probs(policy), log_prior, self._truth[1], features, names, log_proposal
+        )
 
 
 def policy_scores(model: PreTrainedModel, space: ExactSpace) -> torch.Tensor:
@@ -209,13 +199,22 @@ def policy_scores(model: PreTrainedModel, space: ExactSpace) -> torch.Tensor:
     s = space.samples
     rows = []
     for i in range(len(space)):
-        log_p = sequence_log_probs(model, s.prompt_ids[i : i + 1], s.prompt_mask[i : i + 1], s.tokens[i : i + 1], s.mask[i : i + 1])
+        log_p = sequence_log_probs(
+            model,
+            s.prompt_ids[i : i + 1],
+            s.prompt_mask[i : i + 1],
+            s.tokens[i : i + 1],
+            s.mask[i : i + 1],
+        )
         rows.append(torch.cat([g.flatten() for g in torch.autograd.grad(log_p.sum(), params)]))
     return torch.stack(rows)
 
 
 def expected_gradient(
-    advantages: torch.Tensor, log_policy: torch.Tensor, log_proposal: torch.Tensor, params: list[torch.Tensor]
+    advantages: torch.Tensor,
+    log_policy: torch.Tensor,
+    log_proposal: torch.Tensor,
+    params: list[torch.Tensor],
 ) -> torch.Tensor:
     """Exact ``E_q[g(x)]`` of the one-sample estimator ``g(x) = −A(x) ∇log π(x)``, flattened.
 
@@ -226,7 +225,9 @@ def expected_gradient(
     return torch.cat([g.flatten() for g in grads])
 
 
-def objective_advantages(loss_fn: Callable[..., tuple[torch.Tensor, dict]], batch: Batch, **kwargs: Any) -> torch.Tensor:
+def objective_advantages(
+    loss_fn: Callable[..., tuple[torch.Tensor, dict]], batch: Batch, **kwargs: Any
+) -> torch.Tensor:
     """The advantage ``A(x)`` an objective applies to each sample, read off its own loss.
 
     The loss is ``−mean[A · log π]``, so ``A = −n · ∂loss/∂log π``; taking it from the loss
@@ -238,7 +239,9 @@ def objective_advantages(loss_fn: Callable[..., tuple[torch.Tensor, dict]], batc
     return -grad * leaf.numel()
 
 
-def estimator_variance(advantages: torch.Tensor, scores: torch.Tensor, log_proposal: torch.Tensor) -> torch.Tensor:
+def estimator_variance(
+    advantages: torch.Tensor, scores: torch.Tensor, log_proposal: torch.Tensor
+) -> torch.Tensor:
     """Exact variance (trace of the covariance) of the one-sample estimator under q.
 
     ``g(x) = −A(x) ∇log π(x)``, ``x ~ q``; advantages: (n,), scores: (n, n_params) from

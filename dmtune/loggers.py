@@ -1,8 +1,9 @@
-"""Run logging: local JSONL always, Weights & Biases when on.
+"""Run logging: sinks behind one small protocol, fanned out by :class:`RunLogger`.
 
-A run dir holds ``metrics.jsonl`` (one JSON object per logged step), ``samples.jsonl``,
-``summary.json`` and, when W&B is on, ``wandb/`` and ``wandb_run_id.txt`` (so that a resumed
-run continues the same W&B run). Non-finite floats are written as the strings ``"NaN"``,
+:class:`JsonlSink` writes the run dir's own record — ``metrics.jsonl`` (one JSON object per
+logged step), ``samples.jsonl``, ``summary.json`` — and is always on; :class:`WandbSink` adds a
+W&B run (``wandb/`` and ``wandb_run_id.txt``, so that a resumed run continues the same W&B
+run) when ``logger.sinks`` names it. Non-finite floats are written as the strings ``"NaN"``,
 ``"Infinity"`` and ``"-Infinity"`` (W&B's own spelling) so that every line is valid JSON;
 :func:`read_jsonl` turns them back into floats. A W&B failure never stops training: it warns
 once (:class:`WandbWarning`) and the run carries on with the local files.
@@ -21,14 +22,16 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
+
+from dmtune.rundir import WANDB_RUN_ID_FILE, RunDir
 
 if TYPE_CHECKING:
     import wandb
     from typing_extensions import Self
 
 WANDB_MODES = ("auto", "online", "offline", "disabled")
-RUN_ID_FILE = "wandb_run_id.txt"
+RUN_ID_FILE = WANDB_RUN_ID_FILE
 _NONFINITE = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
 _INSPECT_TIMEOUT_S = 120
 
@@ -209,86 +212,154 @@ def init_wandb(
         return None
 
 
-class RunLogger:
-    """The one object the trainer logs through: ``metrics.jsonl`` always, W&B when on.
+class Sink(Protocol):
+    """Where a run's records go. Every method is called from the training loop, in order."""
 
-    Args:
-        run_dir: the run directory (created if missing).
-        wandb_options: W&B settings; ``None`` means no W&B at all.
-        config: the resolved config, saved in the W&B run.
-        resume_step: on resume, the checkpoint's step; lines logged after it are dropped.
+    def log(self, metrics: dict[str, Any], step: int) -> None:
+        """One step's metrics (plain Python values, ``step`` not among them)."""
+
+    def log_samples(self, rows: list[dict[str, Any]], step: int) -> None:
+        """A table of samples with their scores."""
+
+    def summary(self, values: dict[str, Any]) -> None:
+        """The run's summary, merged into what is there."""
+
+    def close(self) -> None:
+        """Flush and release (idempotent)."""
+
+
+class JsonlSink:
+    """The run dir's own record: ``metrics.jsonl``, ``samples.jsonl`` and ``summary.json``.
+
+    resume_step: on resume, the checkpoint's step; lines logged after it are dropped.
     """
 
-    def __init__(
-        self,
-        run_dir: str | Path,
-        wandb_options: WandbOptions | None = None,
-        config: Mapping[str, Any] | None = None,
-        resume_step: int | None = None,
-    ) -> None:
-        self.run_dir = Path(run_dir)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.metrics = JsonlWriter(self.run_dir / "metrics.jsonl")
-        self.samples = JsonlWriter(self.run_dir / "samples.jsonl")
+    def __init__(self, run_dir: RunDir, resume_step: int | None = None) -> None:
+        self.run_dir = run_dir
+        run_dir.path.mkdir(parents=True, exist_ok=True)
+        self.metrics = JsonlWriter(run_dir.metrics)
+        self.samples = JsonlWriter(run_dir.samples)
         if resume_step is not None:
             self.metrics.truncate_after_step(resume_step)
             self.samples.truncate_after_step(resume_step)
-        self.wandb_run = init_wandb(self.run_dir, wandb_options, config) if wandb_options else None
 
-    def log(self, metrics: Mapping[str, Any], step: int) -> None:
-        """Log one step: a line in ``metrics.jsonl`` and one ``wandb.log`` call."""
-        values = to_python(metrics)
-        values.pop("step", None)
-        self.metrics.write({"step": step, **values})
-        self._wandb("log", lambda run: run.log(values, step=step))
+    def log(self, metrics: dict[str, Any], step: int) -> None:
+        self.metrics.write({"step": step, **metrics})
 
-    def log_samples(
-        self, rows: Sequence[Mapping[str, Any]], step: int, key: str = "samples"
-    ) -> None:
-        """Append ``rows`` to ``samples.jsonl`` and log them as a ``wandb.Table`` under ``key``.
-
-        W&B merges it into the history row of ``step``: call it before the next step's ``log``.
-        """
-        rows = [to_python(row) for row in rows]
+    def log_samples(self, rows: list[dict[str, Any]], step: int) -> None:
         for row in rows:
             self.samples.write({"step": step, **row})
+
+    def summary(self, values: dict[str, Any]) -> None:
+        path = self.run_dir.summary
+        previous = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
+        merged = {**previous, **values}
+        path.write_text(json.dumps(_map_leaves(merged, _encode_nonfinite), indent=2) + "\n")
+
+    def close(self) -> None:
+        self.metrics.close()
+        self.samples.close()
+
+
+class WandbSink:
+    """A W&B run (offline or online); any W&B failure warns once and turns this sink off."""
+
+    def __init__(
+        self, run_dir: str | Path, options: WandbOptions, config: Mapping[str, Any] | None = None
+    ) -> None:
+        self.run = init_wandb(run_dir, options, config)
+
+    def log(self, metrics: dict[str, Any], step: int) -> None:
+        self._call("log", lambda run: run.log(metrics, step=step))
+
+    def log_samples(self, rows: list[dict[str, Any]], step: int, key: str = "samples") -> None:
+        """The rows as a ``wandb.Table`` under ``key``; W&B merges it into the history row of
+        ``step``, so it must come before the next step's ``log``."""
+        if not rows:
+            return
         columns = list(dict.fromkeys(column for row in rows for column in row))
 
         def log_table(run: wandb.Run) -> None:
             import wandb
 
             data = [[row.get(column) for column in columns] for row in rows]
-            table = wandb.Table(columns=columns, data=data, allow_mixed_types=True)
-            run.log({key: table}, step=step)
+            run.log(
+                {key: wandb.Table(columns=columns, data=data, allow_mixed_types=True)}, step=step
+            )
 
-        if rows:
-            self._wandb("table", log_table)
+        self._call("table", log_table)
+
+    def summary(self, values: dict[str, Any]) -> None:
+        self._call("summary", lambda run: run.summary.update(values))
+
+    def close(self) -> None:
+        self._call("finish", lambda run: run.finish())
+        self.run = None
+
+    def _call(self, what: str, call: Callable[[wandb.Run], object]) -> None:
+        """Run ``call(run)``; on any error warn once and go on without W&B."""
+        if self.run is None:
+            return
+        try:
+            call(self.run)
+        except Exception as error:  # noqa: BLE001 - W&B must never stop training
+            self.run = None
+            _warn(what, error)
+
+
+class RunLogger:
+    """The one object the loop logs through: it converts values once and fans out to its sinks.
+
+    ``RunLogger.open(run_dir, wandb_options)`` is the usual pair (JSONL, then W&B when options
+    are given); :func:`dmtune.build.build_logger` builds the sinks a config names.
+    """
+
+    def __init__(self, sinks: Sequence[Sink]) -> None:
+        self.sinks = list(sinks)
+
+    @classmethod
+    def open(
+        cls,
+        run_dir: str | Path,
+        wandb_options: WandbOptions | None = None,
+        config: Mapping[str, Any] | None = None,
+        resume_step: int | None = None,
+    ) -> RunLogger:
+        sinks: list[Sink] = [JsonlSink(RunDir(run_dir), resume_step=resume_step)]
+        if wandb_options is not None:
+            sinks.append(WandbSink(run_dir, wandb_options, config))
+        return cls(sinks)
+
+    @property
+    def wandb_run(self) -> wandb.Run | None:
+        """The live W&B run, if a W&B sink has one."""
+        return next(
+            (s.run for s in self.sinks if isinstance(s, WandbSink) and s.run is not None), None
+        )
+
+    def log(self, metrics: Mapping[str, Any], step: int) -> None:
+        """Log one step: a line in ``metrics.jsonl`` and one ``wandb.log`` call."""
+        values = to_python(metrics)
+        values.pop("step", None)
+        for sink in self.sinks:
+            sink.log(values, step)
+
+    def log_samples(self, rows: Sequence[Mapping[str, Any]], step: int) -> None:
+        """Samples with their scores: ``samples.jsonl`` and a ``wandb.Table``."""
+        rows = [to_python(row) for row in rows]
+        for sink in self.sinks:
+            sink.log_samples(rows, step)
 
     def summary(self, values: Mapping[str, Any]) -> None:
         """Merge ``values`` into ``summary.json`` and the W&B run summary."""
         values = to_python(values)
-        path = self.run_dir / "summary.json"
-        previous = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
-        merged = {**previous, **values}
-        path.write_text(json.dumps(_map_leaves(merged, _encode_nonfinite), indent=2) + "\n")
-        self._wandb("summary", lambda run: run.summary.update(values))
+        for sink in self.sinks:
+            sink.summary(values)
 
     def close(self) -> None:
-        """Finish the W&B run and close the local files (idempotent)."""
-        self._wandb("finish", lambda run: run.finish())
-        self.wandb_run = None
-        self.metrics.close()
-        self.samples.close()
-
-    def _wandb(self, what: str, call: Callable[[wandb.Run], object]) -> None:
-        """Run ``call(wandb_run)``; on any error warn once and go on without W&B."""
-        if self.wandb_run is None:
-            return
-        try:
-            call(self.wandb_run)
-        except Exception as error:  # noqa: BLE001 - W&B must never stop training
-            self.wandb_run = None
-            _warn(what, error)
+        """Close every sink, the remote ones first (idempotent)."""
+        for sink in reversed(self.sinks):
+            sink.close()
 
     def __enter__(self) -> Self:
         return self

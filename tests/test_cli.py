@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 from dmtune.cli import CONF_DIR, app
 from dmtune.loggers import read_jsonl, read_offline_history
-from dmtune.models import TINY_PRIOR_DIR
+from dmtune.priors import TINY_PRIOR_DIR
 from dmtune.objectives import OBJECTIVES
 
 runner = CliRunner()
@@ -166,8 +166,8 @@ def test_every_constraint_option_builds_its_target_on_the_tiny_tokenizer(option)
     from transformers import AutoTokenizer
 
     from dmtune.cli import compose_config
-    from dmtune.exact import make_toy_tokenizer
-    from dmtune.run import build_target
+    from dmtune.priors import make_toy_tokenizer
+    from dmtune.build import build_target
 
     toy = option.startswith("toy")  # toy constraints name toy tokens
     cfg = compose_config([f"constraint={option}", *(["model=toy"] if toy else [])])

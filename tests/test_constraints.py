@@ -24,8 +24,8 @@ from dmtune.constraints import (
     compound_sentiment,
     feature_params,
 )
-from dmtune.exact import EOS_TOKEN, make_toy_tokenizer
-from dmtune.models import TINY_PRIOR_DIR
+from dmtune.priors import EOS_TOKEN, make_toy_tokenizer
+from dmtune.priors import TINY_PRIOR_DIR
 from dmtune.sampling import Samples
 
 POSITIVE = "What a wonderful, amazing day: I love it!"

@@ -11,7 +11,7 @@ import torch
 from dmtune import estimators as est
 from dmtune.constraints import TokenPresent
 from dmtune.exact import kl, target_truth
-from dmtune.models import encode_prompts, filler_token_id, sequence_log_probs
+from dmtune.lm import encode_prompts, filler_token_id, sequence_log_probs
 from dmtune.sampling import Decoding, sample
 from dmtune.target import Target
 

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from dmtune.cli import app
 from dmtune.loggers import read_jsonl
-from dmtune.models import TINY_PRIOR_DIR
+from dmtune.priors import TINY_PRIOR_DIR
 
 LEARNING_STEPS = 80
 WINDOW = 10  # steps averaged for the final rate: 2,560 samples at the default batch of 256

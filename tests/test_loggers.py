@@ -59,7 +59,7 @@ def offline_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     root = tmp_path_factory.mktemp("offline")
     with pytest.MonkeyPatch.context() as mp:
         _isolate_wandb(mp, root)
-        with RunLogger(root / "run", OFFLINE, config=CONFIG) as logger:
+        with RunLogger.open(root / "run", OFFLINE, config=CONFIG) as logger:
             for step, metrics in STEPS.items():
                 logger.log({**metrics, "samples_seen": 4 * (step + 1)}, step=step)
             logger.log_samples(SAMPLES, step=2)
@@ -139,7 +139,7 @@ def test_config_tags_and_summary_reach_wandb(offline_run: Path) -> None:
 def test_resume_reuses_run_id_and_drops_later_lines(offline_run: Path, tmp_path: Path) -> None:
     run_dir = shutil.copytree(offline_run, tmp_path / "run")
     run_id = (run_dir / RUN_ID_FILE).read_text().strip()
-    with RunLogger(run_dir, OFFLINE, config=CONFIG, resume_step=1) as logger:
+    with RunLogger.open(run_dir, OFFLINE, config=CONFIG, resume_step=1) as logger:
         assert logger.wandb_run is not None and logger.wandb_run.id == run_id
         assert [row["step"] for row in read_jsonl(run_dir / "metrics.jsonl")] == [0, 1]
         assert read_jsonl(run_dir / "samples.jsonl") == []
@@ -154,7 +154,7 @@ def test_resume_reuses_run_id_and_drops_later_lines(offline_run: Path, tmp_path:
 
 def test_disabled_writes_no_wandb_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("WANDB_MODE")
-    with RunLogger(tmp_path / "run", WandbOptions(mode="disabled")) as logger:
+    with RunLogger.open(tmp_path / "run", WandbOptions(mode="disabled")) as logger:
         logger.log({"train/loss": 1.0}, step=0)
         logger.log_samples(SAMPLES, step=0)
     assert logger.wandb_run is None
@@ -168,7 +168,7 @@ def test_wandb_init_failure_warns_and_jsonl_carries_on(tmp_path: Path) -> None:
     run_dir.mkdir()
     (run_dir / "wandb").write_text("a file where wandb wants its directory")
     with pytest.warns(WandbWarning, match="init failed"):
-        logger = RunLogger(run_dir, OFFLINE)
+        logger = RunLogger.open(run_dir, OFFLINE)
     with logger:
         assert logger.wandb_run is None
         logger.log({"train/loss": 1.0}, step=0)
@@ -180,14 +180,14 @@ def test_invalid_wandb_mode_env_warns(tmp_path: Path, monkeypatch: pytest.Monkey
     monkeypatch.setenv("WANDB_MODE", "bogus")
     with (
         pytest.warns(WandbWarning, match="init failed"),
-        RunLogger(tmp_path / "run", OFFLINE) as logger,
+        RunLogger.open(tmp_path / "run", OFFLINE) as logger,
     ):
         logger.log({"train/loss": 1.0}, step=0)
     assert len(read_jsonl(tmp_path / "run" / "metrics.jsonl")) == 1
 
 
 def test_wandb_failure_mid_run_warns_once(tmp_path: Path) -> None:
-    logger = RunLogger(tmp_path / "run", OFFLINE)
+    logger = RunLogger.open(tmp_path / "run", OFFLINE)
     logger.log({"train/loss": 1.0}, step=0)
     assert logger.wandb_run is not None
     logger.wandb_run.finish()  # the W&B run dies under the trainer: log() now raises

@@ -12,8 +12,9 @@ import pytest
 import torch
 
 from dmtune import priors
-from dmtune.exact import make_toy_prior
-from dmtune.models import TINY_PRIOR_DIR, encode_prompts, filler_token_id, sequence_log_probs
+from dmtune.priors import make_toy_prior
+from dmtune.lm import encode_prompts, filler_token_id, sequence_log_probs
+from dmtune.priors import TINY_PRIOR_DIR
 from dmtune.priors import PriorUnavailableError, load_prior, load_smollm2, load_tiny_prior
 
 HAS_TINY = (TINY_PRIOR_DIR / "config.json").is_file()

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from dmtune.exact import ExactSpace, enumerate_sequences, space_size
-from dmtune.models import encode_prompts, filler_token_id, sequence_log_probs
+from dmtune.lm import encode_prompts, filler_token_id, sequence_log_probs
 from dmtune.sampling import Decoding, check_ancestral, sample
 
 from conftest import TOY_MAX_NEW_TOKENS

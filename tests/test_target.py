@@ -9,7 +9,7 @@ import torch
 
 from dmtune.constraints import TokenCount, TokenPresent
 from dmtune.exact import kl, target_truth
-from dmtune.models import encode_prompts, filler_token_id
+from dmtune.lm import encode_prompts, filler_token_id
 from dmtune.sampling import Decoding, sample
 from dmtune.target import RunningLogZ, Target, UnreachableMomentError, kl_control_log_target
 

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from dmtune.constraints import TokenCount, TokenPresent, WordsPresent
-from dmtune.exact import kl, make_toy_prior
+from dmtune.exact import kl
+from dmtune.priors import make_toy_prior
 from dmtune.target import Target, kl_control_log_target
 from dmtune.trainer import Trainer, TrainerConfig
 
@@ -37,7 +38,7 @@ def _train(prior, target, steps, **config):
     "objective, kwargs", [("dpg", {}), ("dpg_baseline", {}), ("kl_dpg", {}), ("fdpg", {"divergence": "forward_kl"})]
 )
 def test_distribution_matching_halves_kl_to_a_pointwise_target(prior, objective, kwargs):
-    trainer, start, _ = _train(prior, Target(pointwise=(HAS_D,)), 300, objective=objective, objective_kwargs=kwargs)
+    trainer, start, _ = _train(prior, Target(pointwise=(HAS_D,)), 300, objective=objective, objective_params=kwargs)
     end = trainer.exact_metrics()
     assert end["exact/kl_target_policy"] < 0.5 * start["exact/kl_target_policy"]
     assert end["exact/constraint/has_d"] > start["exact/constraint/has_d"] + 0.05
@@ -65,7 +66,7 @@ def test_reinforce_collapses_to_low_entropy(prior):
 @pytest.mark.slow
 def test_kl_control_moves_toward_its_own_target_p_beta(prior):
     beta = 0.5
-    trainer, _, _ = _train(prior, Target(pointwise=(HAS_D,)), 300, objective="kl_control", objective_kwargs={"beta": beta})
+    trainer, _, _ = _train(prior, Target(pointwise=(HAS_D,)), 300, objective="kl_control", objective_params={"beta": beta})
     space = trainer.exact_space
     with torch.no_grad():
         log_prior, log_pi = space.log_probs(trainer.prior), space.log_probs(trainer.policy)
@@ -75,7 +76,7 @@ def test_kl_control_moves_toward_its_own_target_p_beta(prior):
 
 
 def test_kl_dpg_swaps_its_proposal_only_when_the_policy_is_closer(prior):
-    trainer, _, history = _train(prior, Target(pointwise=(HAS_D,)), 40, objective="kl_dpg", swap_every=5)
+    trainer, _, history = _train(prior, Target(pointwise=(HAS_D,)), 40, objective="kl_dpg", objective_params={"swap_every": 5})
     swaps = [h["objective/proposal_updated"] for h in history if "objective/proposal_updated" in h]
     assert len(swaps) == 8 and sum(swaps) >= 1
     assert all("divergence/kl_target_proposal" in h for h in history)
@@ -98,7 +99,7 @@ def test_step_reports_the_glossary_metrics(prior):
 def test_resume_from_a_state_dict_reproduces_the_run_exactly(prior):
     target = Target(pointwise=(HAS_D,))
     model, tokenizer = prior
-    config = TrainerConfig(**{**TOY, "exact": False}, objective="kl_dpg", swap_every=2)
+    config = TrainerConfig(**{**TOY, "exact": False}, objective="kl_dpg", objective_params={"swap_every": 2})
     straight = Trainer(model, tokenizer, target, config)
     straight_history = [straight.step() for _ in range(6)]
 

@@ -1,0 +1,144 @@
+"""Everything a run is made of, built from a composed config: device, prior, target, trainer, logger.
+
+Settings pass straight from the config to the constructors: the trainer's config is the
+``train`` group itself (:class:`~dmtune.trainer.TrainerConfig` inherits its schema), the
+objective's hyperparameters go to its loss unchanged, a feature's ``params`` to its kind.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from dmtune.config import objective_name_and_params
+from dmtune.constraints import build_feature
+from dmtune.lm import LM
+from dmtune.loggers import JsonlSink, RunLogger, Sink, WandbOptions, WandbSink
+from dmtune.priors import TOY, load_prior
+from dmtune.rundir import RunDir
+from dmtune.target import Target
+from dmtune.trainer import Trainer, TrainerConfig
+
+
+def resolve_device(cfg: DictConfig) -> torch.device:
+    """``auto`` is the first GPU when there is one; ``cuda`` without one is a clear error."""
+    name = cfg.device.name
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(
+            f"device.name={cfg.device.name} but torch sees no CUDA GPU; use device=cpu or device=auto"
+        )
+    if cfg.device.threads > 0:
+        torch.set_num_threads(cfg.device.threads)
+    if name.startswith("cuda"):
+        torch.backends.cuda.matmul.allow_tf32 = cfg.device.tf32
+        torch.backends.cudnn.allow_tf32 = cfg.device.tf32
+    return torch.device(name)
+
+
+def is_exact(cfg: DictConfig) -> bool:
+    """Exact mode: the toy prior, whose sequence space is enumerated."""
+    return cfg.model.name_or_path == TOY
+
+
+def build_lm(cfg: DictConfig) -> LM:
+    """The prior ``a`` on the configured device, with its tokenizer and the run's prompt."""
+    toy = OmegaConf.to_container(cfg.model.toy, resolve=True)
+    prior, tokenizer = load_prior(
+        cfg.model.name_or_path, dtype=cfg.device.dtype, device=resolve_device(cfg), toy=toy
+    )
+    return LM(prior, tokenizer, cfg.train.prompt)
+
+
+def build_target(cfg: DictConfig, tokenizer: Any) -> Target:
+    """The EBM of the configured constraint set (features checked against the tokenizer)."""
+    roles: dict[str, list] = {"pointwise": [], "distributional": [], "reward": []}
+    moments = []
+    for name, feature in cfg.constraint.features.items():
+        params = OmegaConf.to_container(feature.params, resolve=True)
+        roles[feature.role].append(build_feature(name, feature.kind, params, tokenizer))
+        if feature.role == "distributional":
+            moments.append(feature.moment)
+    return Target(
+        pointwise=tuple(roles["pointwise"]),
+        distributional=tuple(roles["distributional"]),
+        moments=torch.tensor(moments, dtype=torch.float64) if moments else None,
+        reward=roles["reward"][0] if roles["reward"] else None,
+    )
+
+
+def trainer_config(cfg: DictConfig) -> TrainerConfig:
+    """The trainer's config: the ``train`` group as it is, the objective, the seed, exact mode."""
+    objective, params = objective_name_and_params(cfg)
+    train = OmegaConf.to_container(cfg.train, resolve=True)
+    return TrainerConfig(
+        **train, objective=objective, objective_params=params, exact=is_exact(cfg), seed=cfg.seed
+    )
+
+
+def build_trainer(cfg: DictConfig) -> Trainer:
+    """Prior, target and trainer from a composed config."""
+    lm = build_lm(cfg)
+    return Trainer(lm.model, lm.tokenizer, build_target(cfg, lm.tokenizer), trainer_config(cfg))
+
+
+@dataclass(frozen=True)
+class LogIdentity:
+    """What names a logged run beside its config: train or eval, its name and extra tags."""
+
+    name: str
+    job_type: str | None = None  # default: logger.job_type
+    tags: tuple[str, ...] = ()
+    wandb_mode: str | None = None  # default: logger.mode
+
+
+def wandb_options(cfg: DictConfig, identity: LogIdentity) -> WandbOptions:
+    """The W&B run of a config: its group defaults to the experiment, its tags name what ran."""
+    logger = cfg.logger
+    return WandbOptions(
+        mode=identity.wandb_mode or logger.mode,
+        project=logger.project,
+        entity=logger.entity,
+        group=logger.group or cfg.experiment_name,
+        job_type=identity.job_type or logger.job_type,
+        tags=(
+            cfg.objective.name,
+            cfg.constraint.name,
+            str(cfg.model.name_or_path),
+            *logger.tags,
+            *identity.tags,
+        ),
+        name=logger.name or identity.name,
+    )
+
+
+def _wandb_sink(cfg: DictConfig, run_dir: Path, identity: LogIdentity) -> Sink:
+    return WandbSink(
+        run_dir, wandb_options(cfg, identity), config=OmegaConf.to_container(cfg, resolve=True)
+    )
+
+
+# logger.sinks: name → builder (metrics.jsonl is always written: it is the run's own record)
+SINKS: dict[str, Callable[[DictConfig, Path, LogIdentity], Sink]] = {"wandb": _wandb_sink}
+
+
+def build_logger(
+    cfg: DictConfig, run_dir: str | Path, identity: LogIdentity, resume_step: int | None = None
+) -> RunLogger:
+    """The run dir's JSONL files, then each sink of ``logger.sinks``."""
+    names = list(cfg.logger.sinks)
+    if (
+        identity.wandb_mode is not None
+    ):  # an explicit W&B mode (dmtune eval --wandb) turns its sink on or off
+        names = [n for n in names if n != "wandb"] + (
+            [] if identity.wandb_mode == "disabled" else ["wandb"]
+        )
+    sinks = [JsonlSink(RunDir(run_dir), resume_step=resume_step)]
+    sinks += [SINKS[name](cfg, Path(run_dir), identity) for name in names]
+    return RunLogger(sinks)

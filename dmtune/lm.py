@@ -1,0 +1,193 @@
+"""A language model as dmtune uses it: prompts, sampling and sequence log-probabilities.
+
+A sequence ``x`` is the generated continuation of a prompt. Its log-probability is the sum of
+the token log-probs of the generated tokens, *including* the EOS token when one was generated;
+a sequence cut at ``max_new_tokens`` without EOS is an outcome of its own (the probability of
+its prefix). Which positions count is decided by a positional mask, never by comparing token
+ids with a pad id (naver's disco masks EOS out when pad = eos, which un-normalises the
+distribution).
+
+:class:`LM` bundles what every sampler and scorer of a run shares — tokenizer, prompt, filler
+id, mixed precision — so that the prior, the policy and the proposal (the same architecture)
+are sampled and scored through one object.
+"""
+
+from __future__ import annotations
+
+import copy
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from transformers import PreTrainedModel
+from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+
+from dmtune.sampling import Decoding, Samples, at_least_float32, position_ids_from_mask, sample
+
+HALF_DTYPES = (torch.bfloat16, torch.float16)
+
+
+def frozen_copy(model: PreTrainedModel) -> PreTrainedModel:
+    """A detached copy that takes no gradient (the prior, or a frozen proposal)."""
+    clone = copy.deepcopy(model).eval()
+    clone.requires_grad_(False)
+    return clone
+
+
+def filler_token_id(tokenizer: PreTrainedTokenizerBase, vocab_size: int) -> int:
+    """The id written at positions the mask excludes (padding and after EOS).
+
+    It only fills tensors: where a sequence ends is always read from the mask. We use the
+    tokenizer's pad id when it is distinct from EOS and inside the model's vocabulary, else
+    the smallest id that is not EOS (so that a filler can never be mistaken for an EOS).
+    """
+    eos = tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id
+    if pad is not None and pad != eos and pad < vocab_size:
+        return int(pad)
+    return 1 if eos == 0 else 0
+
+
+def encode_prompts(
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: list[str],
+    filler_id: int,
+    device: str | torch.device = "cpu",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tokenise prompts after a BOS token, left-padded to a common length.
+
+    Returns ``prompt_ids`` and ``prompt_mask``, both (batch, prompt_len). Left padding keeps
+    every sequence's next token at the same column, which batched sampling needs.
+    """
+    bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    encoded = [
+        [bos] + tokenizer.encode(p, add_special_tokens=False) if p else [bos] for p in prompts
+    ]
+    width = max(len(ids) for ids in encoded)
+    prompt_ids = torch.full((len(prompts), width), filler_id, dtype=torch.long)
+    prompt_mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, ids in enumerate(encoded):
+        prompt_ids[row, width - len(ids) :] = torch.tensor(ids)
+        prompt_mask[row, width - len(ids) :] = 1
+    return prompt_ids.to(device), prompt_mask.to(device)
+
+
+def token_log_probs(
+    model: PreTrainedModel,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    tokens: torch.Tensor,
+    mask: torch.Tensor,
+) -> torch.Tensor:
+    """Log-prob of each generated token under ``model``, zero where ``mask`` is 0.
+
+    prompt_ids, prompt_mask: (batch, prompt_len), left-padded.
+    tokens, mask: (batch, seq), right-padded; mask is 1 up to and including EOS.
+    Returns (batch, seq). One forward pass; only the logits that predict generated tokens are
+    materialised (``logits_to_keep``), so memory is batch × seq × vocab, not × prompt_len.
+    """
+    seq_len = tokens.shape[1]
+    input_ids = torch.cat([prompt_ids, tokens], dim=1)
+    # Positions after EOS are attended to by nothing before them (causal), so a full mask
+    # over generated columns gives the same log-probs as the true one.
+    attention = torch.cat([prompt_mask, torch.ones_like(tokens)], dim=1)
+    out = model(
+        input_ids=input_ids,
+        attention_mask=attention,
+        position_ids=position_ids_from_mask(attention),
+        logits_to_keep=seq_len + 1,
+        use_cache=False,
+    )
+    # (batch, seq, vocab): logits[:, t] predicts tokens[:, t]
+    logits = at_least_float32(out.logits[:, :-1])
+    logp = -F.cross_entropy(logits.flatten(0, 1), tokens.flatten(), reduction="none").view_as(
+        tokens
+    )
+    return logp * mask
+
+
+def sequence_log_probs(
+    model: PreTrainedModel,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    tokens: torch.Tensor,
+    mask: torch.Tensor,
+) -> torch.Tensor:
+    """``log model(x | prompt)`` for each sequence, EOS included: (batch,)."""
+    return token_log_probs(model, prompt_ids, prompt_mask, tokens, mask).sum(-1)
+
+
+@dataclass
+class LM:
+    """A causal LM with its tokenizer and prompt: ``.sample(n)`` and ``.log_probs(samples)``.
+
+    ``model`` is the default network; every method takes another one of the same architecture
+    (the policy or the proposal beside the prior) through ``model=``. A half-precision
+    ``model`` sets ``compute_dtype``: matmuls then run under autocast, whatever the weights.
+    """
+
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    prompt: str = ""  # every sample continues BOS + prompt
+    compute_dtype: torch.dtype = field(init=False)
+    filler_id: int = field(init=False)
+    _prompts: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(
+        init=False, default_factory=dict, repr=False
+    )
+
+    def __post_init__(self) -> None:
+        self.compute_dtype = self.model.dtype
+        self.filler_id = filler_token_id(self.tokenizer, self.model.config.vocab_size)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def autocast(self) -> AbstractContextManager:
+        """Mixed precision when the model is half precision (float32 weights, half matmuls)."""
+        if self.compute_dtype in HALF_DTYPES:
+            return torch.autocast(self.device.type, dtype=self.compute_dtype)
+        return nullcontext()
+
+    def encode_prompts(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(prompt_ids, prompt_mask) of ``n`` copies of the prompt, both (n, prompt_len); cached."""
+        if n not in self._prompts:
+            self._prompts[n] = encode_prompts(
+                self.tokenizer, [self.prompt] * n, self.filler_id, self.device
+            )
+        return self._prompts[n]
+
+    @torch.no_grad()
+    def sample(
+        self,
+        n: int,
+        decoding: Decoding,
+        generator: torch.Generator | None = None,
+        *,
+        model: PreTrainedModel | None = None,
+    ) -> Samples:
+        """``n`` continuations of the prompt drawn from ``model`` (default: this LM's)."""
+        prompt_ids, prompt_mask = self.encode_prompts(n)
+        with self.autocast():
+            return sample(
+                model or self.model,
+                self.tokenizer,
+                prompt_ids,
+                prompt_mask,
+                decoding,
+                self.filler_id,
+                generator,
+            )
+
+    def log_probs(self, samples: Samples, *, model: PreTrainedModel | None = None) -> torch.Tensor:
+        """``log model(x | prompt)`` of each sample, (batch,), at least float32; grad if enabled."""
+        with self.autocast():
+            log_probs = sequence_log_probs(
+                model or self.model,
+                samples.prompt_ids,
+                samples.prompt_mask,
+                samples.tokens,
+                samples.mask,
+            )
+        return log_probs.float() if log_probs.dtype in HALF_DTYPES else log_probs

@@ -1,0 +1,239 @@
+"""A run dir: every path in it, and reading a finished (or interrupted) run back.
+
+```
+<run dir>/
+  .hydra/config.yaml overrides.yaml   the composed config and the command's overrides (Hydra's)
+  calibration.json                    prior base rates, λ, KL(p‖a) from train.fit_samples prior samples
+  metrics.jsonl                       one JSON object per logged step (step 0 = the prior)
+  samples.jsonl                       texts with their scores at eval steps
+  checkpoints/last.pt                 policy, proposal, optimizer, log Ẑ, λ, RNG states (atomic)
+  policy/                             the fine-tuned model, loadable with transformers
+  summary.json                        the prior's rates and every metric's mean over the last 10 steps
+  wandb/  wandb_run_id.txt            the W&B run, when the wandb sink is on
+  eval.json  eval/                    `dmtune eval`: metrics ± standard errors, the W&B eval run
+  eval-<overrides>.json               `dmtune eval RUN_DIR constraint=...`: against another target
+```
+
+:func:`load_run` rebuilds what a run trained — prior, policy, proposal, target with its λ —
+from the saved config and the last checkpoint, without an optimizer: what ``eval`` and
+``sample`` need.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from omegaconf import DictConfig, OmegaConf
+
+if TYPE_CHECKING:  # loading a run needs torch; reading its files does not
+    import torch
+    from transformers import PreTrainedModel
+
+    from dmtune.lm import LM
+    from dmtune.target import RunningLogZ, Target
+
+EVAL_NAME = "eval"
+WANDB_RUN_ID_FILE = "wandb_run_id.txt"
+_UNSAFE_IN_NAMES = re.compile(r"[^A-Za-z0-9._=,-]+")
+_MAX_EVAL_NAME = 120
+
+
+class RunDirError(ValueError):
+    """A path that is not a dmtune run dir, or lacks what the command needs."""
+
+
+@dataclass(frozen=True)
+class RunDir:
+    """The paths of one run dir (nothing is created or read on construction)."""
+
+    path: Path
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "path", Path(self.path))
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    @property
+    def config_file(self) -> Path:
+        return self.path / ".hydra" / "config.yaml"
+
+    @property
+    def overrides_file(self) -> Path:
+        return self.path / ".hydra" / "overrides.yaml"
+
+    @property
+    def calibration(self) -> Path:
+        return self.path / "calibration.json"
+
+    @property
+    def metrics(self) -> Path:
+        return self.path / "metrics.jsonl"
+
+    @property
+    def samples(self) -> Path:
+        return self.path / "samples.jsonl"
+
+    @property
+    def summary(self) -> Path:
+        return self.path / "summary.json"
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.path / "checkpoints" / "last.pt"
+
+    @property
+    def policy(self) -> Path:
+        return self.path / "policy"
+
+    @property
+    def wandb_run_id(self) -> Path:
+        return self.path / WANDB_RUN_ID_FILE
+
+    def eval_report(self, overrides: list[str] | None = None) -> Path:
+        """``eval.json`` for the run's own evaluation, ``eval-<overrides>.json`` otherwise."""
+        return self.path / f"{eval_name(overrides or [])}.json"
+
+    def eval_dir(self, overrides: list[str] | None = None) -> Path:
+        """Where an evaluation's own logs (its W&B run) go."""
+        return self.path / eval_name(overrides or [])
+
+    # --- reading ---
+
+    def is_run(self) -> bool:
+        return self.config_file.is_file() and self.metrics.is_file()
+
+    def load_config(self) -> DictConfig:
+        if not self.config_file.is_file():
+            raise RunDirError(f"{self.path} is not a dmtune run dir (no .hydra/config.yaml)")
+        return OmegaConf.load(self.config_file)
+
+    def saved_overrides(self) -> list[str]:
+        """The overrides the run was launched with, less its own ``resume=`` and run dir."""
+        if not self.overrides_file.is_file():
+            raise RunDirError(
+                f"{self.path} is not a dmtune run dir (no .hydra/overrides.yaml there)"
+            )
+        saved = OmegaConf.load(self.overrides_file)
+        return [o for o in saved if not o.startswith(("resume=", "hydra.run.dir="))]
+
+    def read_calibration(self) -> dict[str, Any]:
+        return json.loads(self.calibration.read_text())
+
+    def read_eval(self) -> dict[str, Any] | None:
+        """The run's own ``eval.json`` metrics, or None before ``dmtune eval``."""
+        path = self.eval_report()
+        return json.loads(path.read_text())["metrics"] if path.is_file() else None
+
+
+def eval_name(overrides: list[str]) -> str:
+    """``eval`` for the run's own evaluation, ``eval-<overrides>`` (file-name safe) otherwise."""
+    if not overrides:
+        return EVAL_NAME
+    return "eval-" + _UNSAFE_IN_NAMES.sub("_", "_".join(overrides))[:_MAX_EVAL_NAME]
+
+
+@dataclass
+class LoadedRun:
+    """A run's models and target at its last checkpoint: enough to sample and evaluate."""
+
+    cfg: DictConfig
+    lm: LM  # the prior, with the run's tokenizer and prompt
+    policy: PreTrainedModel
+    proposal: PreTrainedModel | None
+    target: Target
+    log_z: RunningLogZ  # the running log Ẑ at the checkpoint
+    step: int
+    samples_seen: int
+    generator_state: torch.Tensor  # the sampler's RNG at the checkpoint
+
+
+def load_run(run_dir: str | Path, cfg: DictConfig | None = None) -> LoadedRun:
+    """Rebuild a run's policy, prior and target from its saved config (or ``cfg``) and checkpoint.
+
+    With another constraint set in ``cfg`` than the run's, its λ is fitted anew on prior
+    samples (calibration): the policy is then measured against that target.
+    """
+    import torch
+
+    from dmtune.build import build_lm, build_target
+    from dmtune.checkpoint import load_checkpoint
+    from dmtune.lm import frozen_copy
+    from dmtune.target import RunningLogZ
+    from dmtune.trainer import calibrate
+
+    run = RunDir(run_dir)
+    saved = run.load_config()
+    cfg = saved if cfg is None else cfg
+    lm = build_lm(cfg)
+    target = build_target(cfg, lm.tokenizer)
+    state = load_checkpoint(run.checkpoint, map_location=lm.device)
+    policy = frozen_copy(lm.model).float()
+    policy.load_state_dict(state["policy"])
+    proposal = None
+    if state.get("proposal") is not None:
+        proposal = frozen_copy(policy)
+        proposal.load_state_dict(state["proposal"])
+    target.lambdas, target.fitted = state["lambdas"], state["target_fitted"]
+    log_z = RunningLogZ()
+    log_z.load_state_dict(state["log_z"])
+    if cfg.constraint != saved.constraint:
+        generator = torch.Generator(lm.device)
+        generator.set_state(state["generator"])
+        _, log_w = calibrate(
+            lm,
+            target,
+            cfg.train.fit_samples,
+            cfg.train.batch_size,
+            cfg.train.max_new_tokens,
+            generator,
+        )
+        log_z = RunningLogZ()
+        log_z.update(log_w)
+    return LoadedRun(
+        cfg,
+        lm,
+        policy,
+        proposal,
+        target,
+        log_z,
+        state["step"],
+        state["samples_seen"],
+        state["generator"],
+    )
+
+
+def sample_run(
+    run_dir: str | Path,
+    *,
+    n: int,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    seed: int = 0,
+) -> list[dict[str, Any]]:
+    """Fresh samples of a run's policy with their feature values and log π (any decoding)."""
+    import torch
+
+    from dmtune.sampling import Decoding
+
+    run = load_run(run_dir)
+    lm = run.lm
+    decoding = Decoding(
+        run.cfg.train.max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p
+    )
+    generator = torch.Generator(lm.device).manual_seed(seed)
+    samples = lm.sample(n, decoding, generator, model=run.policy)
+    scores = run.target.score(samples)
+    with torch.no_grad():
+        log_pi = lm.log_probs(samples, model=run.policy)
+    columns = {name: values.tolist() for name, values in scores.by_name.items()}
+    return [
+        {"text": text, "log_prob": lp, **{name: values[i] for name, values in columns.items()}}
+        for i, (text, lp) in enumerate(zip(samples.texts, log_pi.tolist()))
+    ]
