@@ -42,7 +42,10 @@ VARIANTS = {  # label: (objective, kwargs)
     "fdpg_js": ("fdpg", {"divergence": "js"}),
     "fdpg_tv": ("fdpg", {"divergence": "tv"}),
 }
-COLUMNS = ["kl_target_policy", "kl_policy_prior", "constraint", "entropy", "grad_variance", "kl_p_beta_policy"]
+COLUMNS = [
+    "kl_target_policy", "kl_policy_prior", "constraint", "entropy", "grad_variance",
+    "kl_p_beta_policy",
+]
 
 
 @torch.no_grad()
@@ -68,12 +71,14 @@ def _exact_figures(trainer: Trainer, objective: str, kwargs: dict) -> dict[str, 
     }
 
 
-def run(label: str, seed: int, steps: int, batch_size: int, lr: float, checkpoints: list[int]) -> dict:
+def run(
+    label: str, seed: int, steps: int, batch_size: int, lr: float, checkpoints: list[int]
+) -> dict:
     objective, kwargs = VARIANTS[label]
     prior, tokenizer = make_toy_prior(seed=0)
     config = TrainerConfig(
-        objective=objective, objective_params=kwargs, batch_size=batch_size, max_new_tokens=MAX_NEW_TOKENS,
-        lr=lr, exact=True, seed=seed,
+        objective=objective, objective_params=kwargs, batch_size=batch_size,
+        max_new_tokens=MAX_NEW_TOKENS, lr=lr, exact=True, seed=seed,
     )
     trainer = Trainer(prior, tokenizer, Target(pointwise=(CONSTRAINT,)), config)
     figures = {0: _exact_figures(trainer, objective, kwargs)}
@@ -82,7 +87,10 @@ def run(label: str, seed: int, steps: int, batch_size: int, lr: float, checkpoin
         trainer.step()
         if step in checkpoints:
             figures[step * batch_size] = _exact_figures(trainer, objective, kwargs)
-    return {"label": label, "seed": seed, "seconds": time.perf_counter() - started, "by_samples": figures}
+    return {
+        "label": label, "seed": seed, "seconds": time.perf_counter() - started,
+        "by_samples": figures,
+    }
 
 
 def _mean_std(values: list[float]) -> str:
@@ -91,12 +99,16 @@ def _mean_std(values: list[float]) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=3e-3)
-    parser.add_argument("--only", nargs="*", choices=list(VARIANTS), help="run only these objectives")
+    parser.add_argument(
+        "--only", nargs="*", choices=list(VARIANTS), help="run only these objectives"
+    )
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/exact_toy.json"))
     args = parser.parse_args()
     torch.set_num_threads(1)  # a 7k-parameter model: threads only add overhead
@@ -108,8 +120,9 @@ def main() -> None:
     ]
 
     budgets = sorted(runs[0]["by_samples"])
-    print(f"target: {CONSTRAINT.name} on the toy prior (max_new_tokens={MAX_NEW_TOKENS}), β={BETA}, "
-          f"{args.seeds} seeds, batch {args.batch_size}, lr {args.lr}; mean±std over seeds")
+    print(f"target: {CONSTRAINT.name} on the toy prior (max_new_tokens={MAX_NEW_TOKENS}), "
+          f"β={BETA}, {args.seeds} seeds, batch {args.batch_size}, lr {args.lr}; "
+          "mean±std over seeds")
     header = f"{'objective':<16} {'samples':>7} " + " ".join(f"{c:>16}" for c in COLUMNS)
     print(header + "\n" + "-" * len(header))
     summary: dict = {}
@@ -118,11 +131,18 @@ def main() -> None:
         for budget in budgets:
             cells = {c: [r["by_samples"][budget][c] for r in mine] for c in COLUMNS}
             summary.setdefault(label, {})[budget] = {
-                c: {"mean": statistics.mean(v), "std": statistics.stdev(v) if len(v) > 1 else 0.0} for c, v in cells.items()
+                c: {"mean": statistics.mean(v), "std": statistics.stdev(v) if len(v) > 1 else 0.0}
+                for c, v in cells.items()
             }
-            print(f"{label:<16} {budget:>7} " + " ".join(f"{_mean_std(cells[c]):>16}" for c in COLUMNS))
+            print(
+                f"{label:<16} {budget:>7} "
+                + " ".join(f"{_mean_std(cells[c]):>16}" for c in COLUMNS)
+            )
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"config": vars(args) | {"out": str(args.out)}, "summary": summary, "runs": runs}, indent=1))
+    args.out.write_text(json.dumps(
+        {"config": vars(args) | {"out": str(args.out)}, "summary": summary, "runs": runs},
+        indent=1,
+    ))
     print(f"\nwrote {args.out}")
 
 

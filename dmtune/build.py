@@ -1,4 +1,5 @@
-"""Everything a run is made of, built from a composed config: device, prior, target, trainer, logger.
+"""Everything a run is made of, built from a composed config: device, prior, target, trainer,
+logger.
 
 Settings pass straight from the config to the constructors: the trainer's config is the
 ``train`` group itself (:class:`~dmtune.trainer.TrainerConfig` inherits its schema), the
@@ -32,7 +33,8 @@ def resolve_device(cfg: DictConfig) -> torch.device:
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(
-            f"device.name={cfg.device.name} but torch sees no CUDA GPU; use device=cpu or device=auto"
+            f"device.name={cfg.device.name} but torch sees no CUDA GPU; "
+            "use device=cpu or device=auto"
         )
     if cfg.device.threads > 0:
         torch.set_num_threads(cfg.device.threads)
@@ -50,10 +52,22 @@ def is_exact(cfg: DictConfig) -> bool:
 def build_lm(cfg: DictConfig) -> LM:
     """The prior ``a`` on the configured device, with its tokenizer and the run's prompt."""
     toy = OmegaConf.to_container(cfg.model.toy, resolve=True)
+    device = resolve_device(cfg)
     prior, tokenizer = load_prior(
-        cfg.model.name_or_path, dtype=cfg.device.dtype, device=resolve_device(cfg), toy=toy
+        cfg.model.name_or_path, dtype=cfg.device.dtype, device=device, toy=toy
     )
-    return LM(prior, tokenizer, cfg.train.prompt)
+    lm = LM(prior, tokenizer, cfg.train.prompt)
+    context = getattr(prior.config, "n_positions", None) or getattr(
+        prior.config, "max_position_embeddings", None
+    )
+    needed = lm.encode_prompts(1)[0].shape[1] + cfg.train.max_new_tokens
+    if isinstance(context, int) and needed > context:
+        raise ValueError(
+            f"train.max_new_tokens={cfg.train.max_new_tokens} after the prompt "
+            f"({needed - cfg.train.max_new_tokens} tokens with BOS) needs {needed} positions; "
+            f"model {cfg.model.name_or_path} has {context}"
+        )
+    return lm
 
 
 def build_target(cfg: DictConfig, tokenizer: Any) -> Target:

@@ -20,6 +20,7 @@ from transformers.utils import logging as hf_logging
 from dmtune import metrics as m
 from dmtune.overrides import (
     ConfigError,
+    claim_run_dir,
     eval_config,
     group_options,
     resume_overrides,
@@ -35,6 +36,7 @@ hf_logging.disable_progress_bar()
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
+EXIT_DIVERGED = 3
 
 app = typer.Typer(
     name="dmtune",
@@ -69,6 +71,14 @@ def fail(message: str) -> None:
     raise typer.Exit(EXIT_USAGE)
 
 
+def _first_line(error: BaseException) -> str:
+    """An error as one line (an OSError as its reason and file)."""
+    if isinstance(error, OSError) and error.strerror:
+        return f"{error.strerror}: {error.filename}" if error.filename else error.strerror
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
 def compose_config(overrides: list[str]) -> DictConfig:
     """The composed, validated config; a bad override is one line on stderr and exit code 2."""
     try:
@@ -83,20 +93,25 @@ def _train_task(cfg: DictConfig) -> dict[str, float | None]:
     from hydra.core.hydra_config import HydraConfig
 
     from dmtune.priors import PriorUnavailableError
+    from dmtune.run import DivergenceError
     from dmtune.run import train as train_run
 
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
         summary = train_run(cfg, run_dir)
-    except (ValueError, PriorUnavailableError) as error:  # CheckpointError is a ValueError
+    except DivergenceError as error:
+        typer.echo(f"error: {error}", err=True)
+        sys.exit(EXIT_DIVERGED)
+    except (ValueError, OSError, PriorUnavailableError) as error:  # CheckpointError: a ValueError
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
-        typer.echo(f"error: {str(error).splitlines()[0]}", err=True)
+        typer.echo(f"error: {_first_line(error)}", err=True)
         sys.exit(EXIT_USAGE)
     print_summary(summary)
     if summary["stopped_by_signal"] is not None:
         typer.echo(
-            f"stopped at step {summary['steps']}; checkpoint saved; resume with: dmtune train resume={run_dir}",
+            f"stopped at step {summary['steps']}; checkpoint saved; "
+            f"resume with: dmtune train resume={run_dir}",
             err=True,
         )
         sys.exit(EXIT_INTERRUPTED)
@@ -111,7 +126,8 @@ def print_summary(summary: dict[str, Any]) -> None:
         return "n/a" if value is None else f"{value:.3f}"
 
     lines = [
-        f"\n{summary['objective']}: {summary['steps']} steps, {summary['samples_seen']} samples in {summary['wall_s']:.0f} s"
+        f"\n{summary['objective']}: {summary['steps']} steps, "
+        f"{summary['samples_seen']} samples in {summary['wall_s']:.0f} s"
     ]
     for key, base in summary["prior"].items():
         if key.endswith("_target"):
@@ -121,6 +137,8 @@ def print_summary(summary: dict[str, Any]) -> None:
         lines.append(f"  {key:<34} prior {base:.3f} → {shown(final.get(key))}{goal_text}")
     for key in m.SHOWN:
         lines.append(f"  {key:<34} {shown(final.get(key))}")
+    if summary.get("skipped_steps"):
+        lines.append(f"  skipped steps (non-finite loss or gradient): {summary['skipped_steps']}")
     lines.append(f"  run dir: {summary['run_dir']}")
     typer.echo("\n".join(lines))
 
@@ -143,6 +161,10 @@ def train(overrides: Optional[List[str]] = OVERRIDES) -> None:
     except ConfigError as error:
         fail(str(error))
     compose_config([o for o in overrides if not o.startswith("hydra.")])
+    try:
+        overrides = claim_run_dir(overrides)
+    except ConfigError as error:
+        fail(str(error))
     run_hydra_main(_train_task, overrides)
 
 
@@ -151,7 +173,10 @@ def sweep(
     wandb_yaml: Optional[Path] = typer.Option(
         None,
         "--wandb-yaml",
-        help="Write a W&B sweep config here instead of running (then: wandb sweep FILE; wandb agent ID).",
+        help=(
+            "Write a W&B sweep config here instead of running "
+            "(then: wandb sweep FILE; wandb agent ID)."
+        ),
     ),
     metric: Optional[str] = typer.Option(
         None,
@@ -162,7 +187,10 @@ def sweep(
     ),
     method: Optional[str] = typer.Option(
         None,
-        help="With --wandb-yaml: grid, random or bayes (default: grid, or bayes/random when an interval() is searched).",
+        help=(
+            "With --wandb-yaml: grid, random or bayes "
+            "(default: grid, or bayes/random when an interval() is searched)."
+        ),
     ),
     overrides: Optional[List[str]] = OVERRIDES,
 ) -> None:
@@ -182,7 +210,8 @@ def sweep(
       dmtune sweep experiment=sentiment size=paper hydra/launcher=slurm hydra.launcher.partition=gpu
       dmtune sweep hydra/sweeper=optuna hydra.sweeper.metric=constraint/positive \\
           hydra.sweeper.n_trials=20 'train.lr=tag(log,interval(1e-5,1e-3))'
-      dmtune sweep --wandb-yaml sweep.yaml --metric constraint/positive objective=dpg,dpg_baseline seed=0,1,2
+      dmtune sweep --wandb-yaml sweep.yaml --metric constraint/positive \\
+          objective=dpg,dpg_baseline seed=0,1,2
     """
     overrides = list(overrides or [])
     if wandb_yaml is not None:
@@ -203,7 +232,8 @@ def sweep(
         _require("optuna", "hydra/sweeper=optuna needs Optuna: pip install 'dmtune[optuna]'")
         if not any(o.startswith("hydra.sweeper.metric=") for o in overrides):
             fail(
-                "hydra/sweeper=optuna needs a metric to optimise, e.g. hydra.sweeper.metric=constraint/positive"
+                "hydra/sweeper=optuna needs a metric to optimise, "
+                "e.g. hydra.sweeper.metric=constraint/positive"
             )
     for job in _sweep_jobs(overrides, searching=optuna):
         compose_config(job)
@@ -215,6 +245,10 @@ def sweep(
         overrides.append(
             "device.threads=1"
         )  # parallel workers share the cores: one torch thread each
+    try:
+        overrides = claim_run_dir(overrides, multirun=True)
+    except ConfigError as error:
+        fail(str(error))
     run_hydra_main(_train_task, overrides, multirun=True)
 
 
@@ -268,7 +302,10 @@ def evaluate(
     ),
     overrides: Optional[List[str]] = typer.Argument(
         None,
-        help="Overrides of the run's config, e.g. constraint=gender (another target) or device=cpu.",
+        help=(
+            "Overrides of the run's config, e.g. constraint=gender (another target) "
+            "or device=cpu."
+        ),
         show_default=False,
     ),
 ) -> None:
@@ -328,7 +365,10 @@ def compare(
         None,
         "--metric",
         "-m",
-        help="A metric to show (repeatable); default: constraint rates, KL(p‖π), KL(π‖a), distinct-2.",
+        help=(
+            "A metric to show (repeatable); default: constraint rates, KL(p‖π), KL(π‖a), "
+            "distinct-2."
+        ),
     ),
     out: Optional[Path] = typer.Option(
         None, help="Where to write compare.png/.html/.json (default: the first path)."
@@ -342,8 +382,8 @@ def compare(
         1, min=1, help="Plot moving averages over this many logged points (the table stays raw)."
     ),
 ) -> None:
-    """Compare runs offline: a table of final values (mean ± std over seeds, per objective or --by value) and
-    plots against samples seen, as PNG and a self-contained HTML page.
+    """Compare runs offline: a table of final values (mean ± std over seeds, per objective or --by
+    value) and plots against samples seen, as PNG and a self-contained HTML page.
 
     \b
     Examples:

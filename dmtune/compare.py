@@ -43,7 +43,8 @@ def find_runs(paths: list[Path], by: list[str] | None = None) -> list[Run]:
     found = sorted((c for c in candidates if RunDir(c).is_run()), key=_natural)
     if not found:
         raise ValueError(
-            f"no run dirs (metrics.jsonl with .hydra/config.yaml) under {', '.join(map(str, paths))}"
+            "no run dirs (metrics.jsonl with .hydra/config.yaml) under "
+            f"{', '.join(map(str, paths))}"
         )
     return [_load(run_dir, by or []) for run_dir in found]
 
@@ -64,7 +65,8 @@ def _load(run_dir: Path, by: list[str]) -> Run:
         missing = [key for key, value in values.items() if value is _MISSING]
         if missing:
             raise ValueError(
-                f"--by {missing[0]}: {run_dir} has no config key {missing[0]!r} (keys look like objective.beta, train.lr, constraint.name)"
+                f"--by {missing[0]}: {run_dir} has no config key {missing[0]!r} "
+                "(keys look like objective.beta, train.lr, constraint.name)"
             )
         group = ", ".join(f"{key}={value}" for key, value in values.items())
     return Run(run_dir, group, read_jsonl(run.metrics), run.read_eval())
@@ -82,7 +84,8 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
 
 
 def summarise(runs: list[Run], metrics: list[str]) -> dict[str, Any]:
-    """Per group: final values (eval.json when there is one, else the last logged step) and curves."""
+    """Per group: final values (eval.json when there is one, else the last logged step) and
+    curves."""
     groups: dict[str, list[Run]] = {}
     for run in runs:
         groups.setdefault(run.group, []).append(run)
@@ -179,7 +182,8 @@ def plot(summary: dict[str, Any], metrics: list[str], path: Path, smooth: int = 
 
 
 def write_html(summary: dict[str, Any], metrics: list[str], png: Path, path: Path) -> None:
-    """A page with the table and the plot embedded (base64), readable with no server or files beside it."""
+    """A page with the table and the plot embedded (base64), readable with no server or files
+    beside it."""
     head = "".join(f"<th>{html.escape(m)}</th>" for m in ["group", "runs", *metrics])
     body = "".join(
         "<tr>"
@@ -193,9 +197,12 @@ def write_html(summary: dict[str, Any], metrics: list[str], png: Path, path: Pat
     image = base64.b64encode(png.read_bytes()).decode()
     path.write_text(
         "<!doctype html><meta charset='utf-8'><title>dmtune compare</title>"
-        "<style>body{font-family:sans-serif}td,th{padding:4px 10px;border-bottom:1px solid #ccc;text-align:left}</style>"
-        f"<h1>dmtune compare</h1><p>Final values: mean ± std over the runs of each group (eval.json when present).</p>"
-        f"<table><tr>{head}</tr>{body}</table><img alt='metrics against samples seen' src='data:image/png;base64,{image}'>"
+        "<style>body{font-family:sans-serif}"
+        "td,th{padding:4px 10px;border-bottom:1px solid #ccc;text-align:left}</style>"
+        f"<h1>dmtune compare</h1><p>Final values: mean ± std over the runs of each group "
+        f"(eval.json when present).</p>"
+        f"<table><tr>{head}</tr>{body}</table>"
+        f"<img alt='metrics against samples seen' src='data:image/png;base64,{image}'>"
     )
 
 

@@ -65,6 +65,7 @@ class TrainConfig:
     eval_every: int = 25  # steps between sample tables, self-BLEU and exact metrics
     checkpoint_every: int = 50  # steps between checkpoints (one is always written at the end)
     logged_samples: int = 16  # samples per table at eval steps
+    max_bad_steps: int = 5  # non-finite steps in a row (each skipped) before the run stops
     betas: List[float] = field(default_factory=lambda: [0.9, 0.999])  # AdamW's moment decay rates
 
 
@@ -117,12 +118,25 @@ def objective_name_and_params(cfg: DictConfig) -> tuple[str, dict[str, Any]]:
     return objective.pop("name"), objective
 
 
+# train keys and the smallest valid value (every other numeric key of train is checked below)
+AT_LEAST_ONE = (
+    "steps", "batch_size", "max_new_tokens", "fit_samples", "log_every", "eval_every",
+    "checkpoint_every", "max_bad_steps",
+)
+AT_LEAST_ZERO = ("lr", "weight_decay", "warmup_steps", "grad_clip", "logged_samples")
+
+
 def validate(cfg: DictConfig) -> None:
-    """Checks beyond the schema; each failure is one line naming the value and the valid ones."""
-    from dmtune.build import SINKS
-    from dmtune.constraints import FEATURE_KINDS, check_feature_params
-    from dmtune.objectives import OBJECTIVES, check_objective_params
-    from dmtune.priors import DTYPES
+    """Checks beyond the schema, before any model loads; each failure is one ``ValueError``
+    line naming the key, the bad value and what would be valid."""
+    _check_objective(cfg)
+    _check_constraint(cfg)
+    _check_train(cfg)
+    _check_device_and_logger(cfg)
+
+
+def _check_objective(cfg: DictConfig) -> None:
+    from dmtune.objectives import OBJECTIVES, check_objective_params, names_of
 
     name, params = objective_name_and_params(cfg)
     if name not in OBJECTIVES:
@@ -130,11 +144,24 @@ def validate(cfg: DictConfig) -> None:
             f"objective.name={name!r} is not an objective; valid: {', '.join(OBJECTIVES)}"
         )
     check_objective_params(name, params)
+    roles = {feature.role for feature in cfg.constraint.features.values()}
+    if OBJECTIVES[name].family == "rm" and not roles & {"pointwise", "reward"}:
+        raise ValueError(
+            f"objective {name!r} maximises a reward, but constraint {cfg.constraint.name!r} has no "
+            f"pointwise or reward feature; use a distribution-matching objective "
+            f"({', '.join(names_of('dm'))})"
+        )
+
+
+def _check_constraint(cfg: DictConfig) -> None:
+    from dmtune.constraints import BINARY_KINDS, FEATURE_KINDS, check_feature_params
+
     for feature_name, feature in cfg.constraint.features.items():
         where = f"constraint.features.{feature_name}"
         if feature.kind not in FEATURE_KINDS:
             raise ValueError(
-                f"{where}.kind={feature.kind!r} is not a feature kind; valid: {', '.join(FEATURE_KINDS)}"
+                f"{where}.kind={feature.kind!r} is not a feature kind; "
+                f"valid: {', '.join(FEATURE_KINDS)}"
             )
         check_feature_params(feature_name, feature.kind, feature.params)
         if feature.role not in ROLES:
@@ -144,24 +171,57 @@ def validate(cfg: DictConfig) -> None:
                 f"{where}: a moment is required for role=distributional and only then "
                 f"(role={feature.role}, moment={feature.moment})"
             )
+        binary = feature.kind in BINARY_KINDS
+        if feature.role == "distributional" and binary and not 0 < feature.moment < 1:
+            raise ValueError(
+                f"{where}.moment={feature.moment}: the mean of a 0/1 feature ({feature.kind}) lies "
+                "strictly between 0 and 1 (use role=pointwise for 'always')"
+            )
     rewards = [n for n, f in cfg.constraint.features.items() if f.role == "reward"]
     if len(rewards) > 1:
         raise ValueError(f"at most one feature may have role=reward; got {', '.join(rewards)}")
+
+
+def _check_train(cfg: DictConfig) -> None:
+    from dmtune.priors import context_length
+
+    train = cfg.train
+    for key in AT_LEAST_ONE:
+        if train[key] < 1:
+            raise ValueError(f"train.{key}={train[key]} must be at least 1")
+    for key in AT_LEAST_ZERO:
+        if train[key] < 0:
+            raise ValueError(f"train.{key}={train[key]} must be at least 0")
+    betas = list(train.betas)
+    if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
+        raise ValueError(
+            f"train.betas={betas}: AdamW needs two decay rates in [0, 1), e.g. [0.9,0.999]"
+        )
+    context = context_length(cfg.model.name_or_path, OmegaConf.to_container(cfg.model.toy))
+    if context is not None and train.max_new_tokens + 1 > context:  # + BOS
+        raise ValueError(
+            f"train.max_new_tokens={train.max_new_tokens} does not fit the context of "
+            f"model {cfg.model.name_or_path} ({context} positions for BOS, prompt and sample); "
+            f"use at most {context - 1}"
+        )
+
+
+def _check_device_and_logger(cfg: DictConfig) -> None:
+    from dmtune.build import SINKS
+    from dmtune.loggers import WANDB_MODES
+    from dmtune.priors import DTYPES
+
     device = cfg.device.name
     if device not in DEVICES and not device.startswith("cuda:"):
         raise ValueError(f"device.name={device!r}; valid: {', '.join(DEVICES)} or cuda:N")
     if cfg.device.dtype not in DTYPES:
         raise ValueError(f"device.dtype={cfg.device.dtype!r}; valid: {', '.join(DTYPES)}")
-    for key in (
-        "steps",
-        "batch_size",
-        "max_new_tokens",
-        "log_every",
-        "eval_every",
-        "checkpoint_every",
-    ):
-        if cfg.train[key] < 1:
-            raise ValueError(f"train.{key}={cfg.train[key]} must be at least 1")
+    if cfg.device.threads < 0:
+        raise ValueError(
+            f"device.threads={cfg.device.threads} must be at least 0 (0: torch's default)"
+        )
+    if cfg.logger.mode not in WANDB_MODES:
+        raise ValueError(f"logger.mode={cfg.logger.mode!r}; valid: {', '.join(WANDB_MODES)}")
     for sink in cfg.logger.sinks:
         if sink not in SINKS:
             raise ValueError(f"logger.sinks: {sink!r} is not a sink; valid: {', '.join(SINKS)}")

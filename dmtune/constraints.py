@@ -142,7 +142,9 @@ class WordsPresent:
             raise ValueError(f"feature {self.name!r}: the word list is empty")
         blank = [w for w in self.words if not isinstance(w, str) or not w.strip()]
         if blank:
-            raise ValueError(f"feature {self.name!r}: words must be non-empty strings, got {blank!r}")
+            raise ValueError(
+                f"feature {self.name!r}: words must be non-empty strings, got {blank!r}"
+            )
 
     @property
     def pattern(self) -> re.Pattern[str]:
@@ -214,7 +216,10 @@ def token_id_of(tokenizer: PreTrainedTokenizerBase, token: str) -> int:
     vocab = tokenizer.get_vocab()
     if token not in vocab:
         shown = ", ".join(sorted(vocab)[:_SHOWN_VOCABULARY])
-        raise ValueError(f"token {token!r} is not in the tokenizer's vocabulary ({len(vocab)} entries: {shown}, ...)")
+        raise ValueError(
+            f"token {token!r} is not in the tokenizer's vocabulary "
+            f"({len(vocab)} entries: {shown}, ...)"
+        )
     return vocab[token]
 
 
@@ -309,6 +314,10 @@ def _token_count(name: str, tokenizer: PreTrainedTokenizerBase, *, token: str) -
     return TokenCount(token_id_of(tokenizer, token), name)
 
 
+# kinds whose values are 0 or 1 (a rate: a distributional moment lies strictly inside (0, 1))
+BINARY_KINDS = ("sentiment", "word", "wordlist", "female", "male", "token")
+# kinds whose constructor looks words up in the prior's tokenizer (checked when it is loaded)
+NEEDS_TOKENIZER = ("token", "token_count")
 FEATURE_KINDS: dict[str, Callable[..., Feature]] = {
     "sentiment": _sentiment,
     "sentiment_score": _sentiment_score,
@@ -324,7 +333,9 @@ FEATURE_KINDS: dict[str, Callable[..., Feature]] = {
 def feature_params(kind: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """The (required, optional) parameter names of a feature kind."""
     parameters = [
-        p for p in inspect.signature(FEATURE_KINDS[kind]).parameters.values() if p.kind is p.KEYWORD_ONLY
+        p
+        for p in inspect.signature(FEATURE_KINDS[kind]).parameters.values()
+        if p.kind is p.KEYWORD_ONLY
     ]
     required = tuple(p.name for p in parameters if p.default is p.empty)
     optional = tuple(p.name for p in parameters if p.default is not p.empty)
@@ -348,6 +359,8 @@ def check_feature_params(name: str, kind: str, params: Mapping[str, Any]) -> Non
             f"feature {name!r} of kind {kind!r}: {'; '.join(problems)} parameter(s); "
             f"valid parameters: {valid}"
         )
+    if kind not in NEEDS_TOKENIZER:  # values too: building these kinds reads no tokenizer
+        FEATURE_KINDS[kind](name, None, **params)
 
 
 def build_feature(

@@ -116,11 +116,13 @@ def terms_with_log_z_error(
     log_proposal: torch.Tensor,
     log_model: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-sample terms of a target-side estimate that uses ``log Ẑ`` of the same samples, and ``log Ẑ``.
+    """Per-sample terms of a target-side estimate that uses ``log Ẑ`` of the same samples, and
+    ``log Ẑ``.
 
     The terms' mean is the estimate; their spread also carries the error of ``log Ẑ`` (delta
     method: each sample moves ``log Ẑ`` by ``w_i − 1``, with ``w = P/(Ẑq)``), so
-    :func:`standard_error` of them is honest. Plain terms treat ``log Ẑ`` as exact and understate it.
+    :func:`standard_error` of them is honest. Plain terms treat ``log Ẑ`` as exact and
+    understate it.
     """
     log_z_hat = log_z(log_target, log_proposal).detach().requires_grad_(True)
     with torch.enable_grad():
@@ -142,7 +144,8 @@ def _ngrams(tokens: Sequence[str], n: int) -> list[tuple[str, ...]]:
 
 
 def distinct_n(texts: Sequence[str], n: int) -> float:
-    """Distinct-n (Li et al. 2016): unique n-grams / all n-grams over the batch (whitespace words)."""
+    """Distinct-n (Li et al. 2016): unique n-grams / all n-grams over the batch (whitespace
+    words)."""
     grams = [g for text in texts for g in _ngrams(text.split(), n)]
     return len(set(grams)) / len(grams) if grams else 0.0
 

@@ -3,7 +3,8 @@
 Samples come from the decoding the user asks for (ancestral by default); every estimate of a
 property of π is importance-weighted by ``π/q`` when the decoding warps π, so what is reported
 is always about the policy itself. ``log Z``, ``KL(p‖π)`` and ``TV(p, π)`` are estimated on a
-second set of samples, of the prior, where the target's importance weights are bounded. Each estimate carries its standard error; in exact mode
+second set of samples, of the prior, where the target's importance weights are bounded. Each
+estimate carries its standard error; in exact mode
 (``model=toy``) the exact values are reported beside them.
 """
 
@@ -126,7 +127,8 @@ def evaluate_run(
 def _log(
     run_dir: RunDir, cfg: DictConfig, report: dict[str, Any], mode: str | None, name: str
 ) -> None:
-    """The evaluation's own log dir (``eval/``): a ``job_type=eval`` run in the training run's group."""
+    """The evaluation's own log dir (``eval/``): a ``job_type=eval`` run in the training run's
+    group."""
     identity = LogIdentity(
         name=f"{run_dir.name}-{name}", job_type="eval", tags=("eval",), wandb_mode=mode
     )

@@ -152,7 +152,8 @@ def exact_metrics(
 
 
 def target_truth(space: ExactSpace, target: Target, log_prior: torch.Tensor) -> ExactTruth:
-    """Exact normalised target on the space (λ must be fitted already for distributional targets)."""
+    """Exact normalised target on the space (λ must be fitted already for distributional
+    targets)."""
     return ExactTruth.from_log_target(target.log_prob(log_prior, target.score(space.samples)))
 
 

@@ -24,7 +24,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Protocol
 
-from dmtune.rundir import WANDB_RUN_ID_FILE, RunDir
+from dmtune.rundir import WANDB_RUN_ID_FILE, RunDir, atomic_write_text
 
 if TYPE_CHECKING:
     import wandb
@@ -254,7 +254,7 @@ class JsonlSink:
         path = self.run_dir.summary
         previous = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
         merged = {**previous, **values}
-        path.write_text(json.dumps(_map_leaves(merged, _encode_nonfinite), indent=2) + "\n")
+        atomic_write_text(path, json.dumps(_map_leaves(merged, _encode_nonfinite), indent=2) + "\n")
 
     def close(self) -> None:
         self.metrics.close()

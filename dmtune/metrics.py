@@ -24,6 +24,7 @@ SAMPLES_SEEN = "samples_seen"
 LOSS = "train/loss"
 GRAD_NORM = "train/grad_norm"
 LR = "train/lr"
+SKIPPED_STEPS = "train/skipped_steps"
 LOG_Z = "target/log_z"
 ESS = "target/ess"
 KL_TARGET_POLICY = "divergence/kl_target_policy"
@@ -83,6 +84,11 @@ GLOSSARY: tuple[tuple[tuple[str, ...], str], ...] = (
     ),
     ((LOSS, GRAD_NORM, LR), "the objective's loss, gradient norm before clipping, learning rate"),
     (
+        (SKIPPED_STEPS,),
+        "steps so far whose loss or gradient was not finite: skipped (no update); the run stops "
+        "after `train.max_bad_steps` in a row",
+    ),
+    (
         (LOG_Z,),
         "running `log Ẑ`: log-mean-exp of `log P − log q` over every sample so far, the "
         "calibration's `train.fit_samples` prior samples included",
@@ -94,9 +100,9 @@ GLOSSARY: tuple[tuple[tuple[str, ...], str], ...] = (
     (
         (KL_TARGET_POLICY,),
         "`KL(p‖π) ≈ mean_q[w (log P − log Ẑ − log π)]`: distance to the target (lower is "
-        "better). Estimated on q's samples, it cannot see target mass that q never samples: after a collapse "
-        "(REINFORCE) it reads ≈ 0 while the true value is large. Read it beside `kl_policy_prior` and "
-        "diversity; exact mode gives the truth",
+        "better). Estimated on q's samples, it cannot see target mass that q never samples: "
+        "after a collapse (REINFORCE) it reads ≈ 0 while the true value is large. Read it beside "
+        "`kl_policy_prior` and diversity; exact mode gives the truth",
     ),
     ((KL_TARGET_PROPOSAL,), "`KL(p‖q)`, KL-adaptive DPG only"),
     ((KL_POLICY_PRIOR,), "`KL(π‖a) ≈ mean_q[ρ (log π − log a)]`: forgetting"),

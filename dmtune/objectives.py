@@ -15,7 +15,7 @@ import inspect
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Callable, Literal
+from typing import Any, Callable, Literal, get_args
 
 import torch
 import torch.nn.functional as F
@@ -61,8 +61,13 @@ class Batch:
 
 
 def policy_gradient_loss(advantage: torch.Tensor, log_policy: torch.Tensor) -> torch.Tensor:
-    """``−mean[sg(A) · log π]``: its gradient is the score-function estimator ``−mean[A ∇log π]``."""
+    """``−mean[sg(A) · log π]``: its gradient is the score-function estimator
+    ``−mean[A ∇log π]``."""
     return -(advantage.detach() * log_policy).mean()
+
+
+BASELINES = ("none", "mean", "loo")
+SWAP_EVERY = "swap_every"  # the one hyperparameter the trainer reads, not the loss
 
 
 def _baseline(values: torch.Tensor, kind: str | float) -> torch.Tensor:
@@ -127,6 +132,7 @@ def kl_dpg(batch: Batch) -> tuple[torch.Tensor, Metrics]:
 
 
 Divergence = Literal["forward_kl", "reverse_kl", "js", "tv"]
+DIVERGENCES = get_args(Divergence)
 
 
 def _minus_f_prime(log_t: torch.Tensor, divergence: Divergence) -> torch.Tensor:
@@ -193,7 +199,6 @@ OBJECTIVES: dict[str, ObjectiveSpec] = {
     "kl_dpg": ObjectiveSpec(kl_dpg, "dm", proposal="frozen", swap_every=10),
     "fdpg": ObjectiveSpec(fdpg, "dm"),
 }
-SWAP_EVERY = "swap_every"  # the one hyperparameter the trainer reads, not the loss
 
 
 def get_objective(name: str) -> ObjectiveSpec:
@@ -222,14 +227,35 @@ def objective_params(name: str) -> dict[str, Any]:
     return params
 
 
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+# hyperparameter → (is the value valid?, what is valid), checked before a model loads
+PARAM_VALUES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "beta": (lambda v: _is_number(v) and v > 0, "a number > 0"),
+    "baseline": (lambda v: v in BASELINES or _is_number(v), f"{', '.join(BASELINES)} or a number"),
+    "divergence": (lambda v: v in DIVERGENCES, ", ".join(DIVERGENCES)),
+    SWAP_EVERY: (
+        lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1,
+        "an integer ≥ 1",
+    ),
+}
+
+
 def check_objective_params(name: str, params: Mapping[str, Any]) -> None:
-    """One-line ``ValueError`` naming a parameter the objective does not take, and those it does."""
+    """One-line ``ValueError`` naming a parameter the objective does not take (and those it
+    does), or a value out of its range."""
     accepted = objective_params(name)
-    for key in params:
+    for key, value in params.items():
         if key not in accepted:
             raise ValueError(
-                f"objective.{key} is set but {name} takes no {key}; it takes: {', '.join(accepted) or 'nothing'}"
+                f"objective.{key} is set but {name} takes no {key}; "
+                f"it takes: {', '.join(accepted) or 'nothing'}"
             )
+        is_valid, valid = PARAM_VALUES.get(key, (lambda _: True, ""))
+        if not is_valid(value):
+            raise ValueError(f"objective.{key}={value!r} is not valid for {name}; valid: {valid}")
 
 
 def split_objective_params(

@@ -26,6 +26,7 @@ CONF_DIR = Path(__file__).parent / "conf"
 CONFIG_NAME = "config"
 # what `dmtune eval` cannot change: it measures the run's own policy
 FIXED_AT_EVAL = ("model", "objective", "seed")
+_MAX_NAME_ATTEMPTS = 1000
 
 
 class ConfigError(ValueError):
@@ -34,6 +35,7 @@ class ConfigError(ValueError):
 
 def compose_config(overrides: list[str]) -> DictConfig:
     """Compose and validate, turning Hydra's and our errors into one line each."""
+    _check_group_options(overrides)
     register_configs()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         try:
@@ -45,6 +47,23 @@ def compose_config(overrides: list[str]) -> DictConfig:
     except ValueError as error:
         raise ConfigError(str(error)) from error
     return cfg
+
+
+def _check_group_options(overrides: list[str]) -> None:
+    """Every option chosen for a config group exists: Hydra silently skips a missing option of an
+    ``optional`` group (``experiment=smok`` would run the default experiment)."""
+    for line in overrides:
+        key, _, value = line.lstrip("+~").partition("=")
+        if not value or not (CONF_DIR / key).is_dir() or "(" in value:  # sweeps are checked per job
+            continue
+        options = group_options(key)
+        for option in value.strip("[]").split(","):
+            option = option.strip()
+            if option and option != "null" and option not in options:
+                raise ConfigError(
+                    f"{key}={option} is not an option of {key}; valid: {', '.join(options)}"
+                    f"{_did_you_mean(option, options)}"
+                )
 
 
 def group_options(group: str) -> list[str]:
@@ -59,7 +78,10 @@ def explain_compose_error(error: Exception, overrides: list[str]) -> str:
     if missing:
         group, option = missing.groups()
         options = group_options(group)
-        return f"{group}={option} is not an option of {group}; valid: {', '.join(options)}{_did_you_mean(option, options)}"
+        return (
+            f"{group}={option} is not an option of {group}; "
+            f"valid: {', '.join(options)}{_did_you_mean(option, options)}"
+        )
     unknown = re.search(r"Could not override '([^']+)'", text)
     if unknown:
         key = unknown.group(1)
@@ -132,14 +154,15 @@ def resume_overrides(overrides: list[str]) -> list[str]:
 
 
 def eval_config(run_dir: Path, overrides: list[str]) -> DictConfig:
-    """The run's config recomposed from its own overrides, then these (validated, one-line errors)."""
+    """The run's config recomposed from its own overrides, then these (validated, one-line
+    errors)."""
     fixed = [
         o for o in overrides if o.lstrip("+~").split("=", 1)[0].split(".", 1)[0] in FIXED_AT_EVAL
     ]
     if fixed:
         raise ConfigError(
-            f"{fixed[0]}: eval measures the run's own policy; the model, objective and seed are the run's "
-            "(override constraint, train, device, logger)"
+            f"{fixed[0]}: eval measures the run's own policy; the model, objective and seed are "
+            "the run's (override constraint, train, device, logger)"
         )
     try:
         saved = RunDir(run_dir).saved_overrides()
@@ -173,13 +196,14 @@ def sweep_jobs(overrides: list[str], searching: bool = False) -> list[list[str]]
         if override.is_sweep_override():
             if isinstance(override.value(), IntervalSweep) and not searching:
                 raise ConfigError(
-                    f"{override.input_line} is a search interval: add hydra/sweeper=optuna, or list values "
-                    "(a,b,c) or range()"
+                    f"{override.input_line} is a search interval: add hydra/sweeper=optuna, "
+                    "or list values (a,b,c) or range()"
                 )
             values = _sweep_values(override, key)
             if not values:
                 raise ConfigError(
-                    f"{override.input_line} selects nothing; options of {key}: {', '.join(group_options(key))}"
+                    f"{override.input_line} selects nothing; "
+                    f"options of {key}: {', '.join(group_options(key))}"
                 )
             swept.append((len(base), key, values))
             base.append(f"{key}={values[0]}")
@@ -198,6 +222,40 @@ def _sweep_values(override: Override, key: str) -> list[str]:
     if isinstance(value, IntervalSweep):  # hydra/sweeper=optuna searches it; check both ends
         return [repr(float(value.start)), repr(float(value.end))]
     return list(override.sweep_string_iterator())
+
+
+# --- run dirs that no other run shares ---
+
+
+def claim_run_dir(overrides: list[str], multirun: bool = False) -> list[str]:
+    """The overrides plus ``hydra.run.dir`` (``hydra.sweep.dir``) set to a dir this process made.
+
+    The configured pattern has one-second resolution: two runs started in the same second
+    (a shell loop, a job array) would share it. The dir is created exclusively here, with
+    ``-2``, ``-3``... appended while the name is taken. An explicit dir is left as given.
+    """
+    key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
+    if any(o.startswith(f"{key}=") for o in overrides):
+        return overrides
+    task = [o for o in overrides if not o.lstrip("+~").startswith("hydra")]
+    if multirun:  # the sweep dir does not depend on the swept values: compose the first job
+        task = sweep_jobs(task)[0]
+    register_configs()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        try:
+            cfg = compose(CONFIG_NAME, overrides=task, return_hydra_config=True)
+        except HydraException as error:
+            raise ConfigError(explain_compose_error(error, task)) from error
+    base = Path(OmegaConf.select(cfg, key))
+    base.parent.mkdir(parents=True, exist_ok=True)
+    for attempt in range(1, _MAX_NAME_ATTEMPTS + 1):
+        path = base if attempt == 1 else base.with_name(f"{base.name}-{attempt}")
+        try:
+            path.mkdir()
+        except FileExistsError:
+            continue
+        return [*overrides, f"{key}={path}"]
+    raise ConfigError(f"{base}: {_MAX_NAME_ATTEMPTS} run dirs of that name exist; set {key}=...")
 
 
 # --- handing over to Hydra's own main ---

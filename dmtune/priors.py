@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 import inspect
+import json
 import os
 import shutil
 import tempfile
@@ -104,6 +105,27 @@ def load_causal_lm(
     return model.to(device).eval(), tokenizer
 
 
+def context_length(name_or_path: str, toy: Mapping[str, Any] | None = None) -> int | None:
+    """The prior's number of positions, read from its config without loading weights; None
+    when it cannot be known here (a hub model not yet downloaded)."""
+    if name_or_path == TOY:
+        default = inspect.signature(make_toy_prior).parameters["max_positions"].default
+        return int((toy or {}).get("max_positions", default))
+    if name_or_path == TINY:
+        config_file = TINY_PRIOR_DIR / MODEL_CONFIG_FILE
+    elif name_or_path == SMOLLM2:
+        config_file = smollm2_cache_dir() / MODEL_CONFIG_FILE
+    else:
+        config_file = Path(name_or_path).expanduser() / MODEL_CONFIG_FILE
+    if not config_file.is_file():
+        return None
+    config = json.loads(config_file.read_text())
+    for key in ("n_positions", "max_position_embeddings", "n_ctx"):
+        if isinstance(config.get(key), int):
+            return config[key]
+    return None
+
+
 def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
     """A torch dtype from its config name."""
     if isinstance(dtype, torch.dtype):
@@ -192,7 +214,8 @@ def load_tiny_prior(
     if not (directory / MODEL_CONFIG_FILE).is_file():
         raise PriorUnavailableError(
             f"the embedded tiny prior is missing from {directory}; build it with "
-            "`python scripts/build_tiny_prior.py` (its docstring lists the Debian text it trains on)"
+            "`python scripts/build_tiny_prior.py` "
+            "(its docstring lists the Debian text it trains on)"
         )
     return load_causal_lm(directory, dtype=dtype, device=device)
 
@@ -314,6 +337,6 @@ def _load_named(
     except OSError as err:  # transformers reports hub, network and not-found failures as OSError
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise PriorUnavailableError(
-            f"cannot load prior {name_or_path!r} from the Hugging Face hub ({reason}); without a hub use "
-            f"model=tiny, model=smollm2 or a local folder"
+            f"cannot load prior {name_or_path!r} from the Hugging Face hub ({reason}); "
+            f"without a hub use model=tiny, model=smollm2 or a local folder"
         ) from err

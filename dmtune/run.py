@@ -21,10 +21,15 @@ from dmtune import estimators as est
 from dmtune import metrics as m
 from dmtune.build import LogIdentity, build_logger, build_trainer
 from dmtune.checkpoint import load_checkpoint, save_checkpoint
-from dmtune.rundir import RunDir
+from dmtune.rundir import RunDir, atomic_write_text
 from dmtune.trainer import Trainer
 
 SUMMARY_WINDOW = 10  # the summary's "final" figures average this many last steps
+NOTHING_KEPT = -1  # resume_step of a run resumed before its first checkpoint: every line goes
+
+
+class DivergenceError(RuntimeError):
+    """Training stopped after ``train.max_bad_steps`` non-finite steps in a row."""
 
 
 class StopRequested:
@@ -53,19 +58,21 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     run = RunDir(run_dir)
     trainer = build_trainer(cfg)
     resume_step = None
-    if cfg.resume:
+    if cfg.resume and run.checkpoint.is_file():
         trainer.load_state_dict(load_checkpoint(run.checkpoint, map_location=trainer.device))
         resume_step = trainer.step_count
         calibration = run.read_calibration()
     else:
+        if cfg.resume:  # stopped before its first checkpoint: start over, dropping what it logged
+            resume_step = NOTHING_KEPT
         calibration = trainer.calibrate()
-        run.calibration.write_text(json.dumps(calibration, indent=1))
+        atomic_write_text(run.calibration, json.dumps(calibration, indent=1))
 
     train_cfg = cfg.train
     started, started_at, history = time.perf_counter(), time.time(), []
     logger = build_logger(cfg, run_dir, LogIdentity(name=run.name), resume_step=resume_step)
     with logger, _stop_on_signals() as stop:
-        if resume_step is None:
+        if resume_step in (None, NOTHING_KEPT):
             logger.log({m.SAMPLES_SEEN: 0, **calibration["metrics"], **_exact(trainer)}, step=0)
         # disable=None: a live bar on a terminal, nothing in a log file or a pipe
         bar = tqdm(
@@ -76,27 +83,41 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             dynamic_ncols=True,
             disable=None,
         )
-        while trainer.step_count < train_cfg.steps and stop.signal is None:
+        diverged = False
+        while trainer.step_count < train_cfg.steps and stop.signal is None and not diverged:
             metrics = trainer.step()
+            diverged = trainer.bad_steps >= train_cfg.max_bad_steps
             step = trainer.step_count
             history.append(metrics)
             if step % train_cfg.eval_every == 0 or step == train_cfg.steps:
                 metrics.update(_exact(trainer))
                 metrics[m.SELF_BLEU] = est.self_bleu(trainer.last_samples.texts)
                 logger.log_samples(_sample_rows(trainer, train_cfg.logged_samples), step=step)
-            if step % train_cfg.log_every == 0 or step == train_cfg.steps:
+            if step % train_cfg.log_every == 0 or step == train_cfg.steps or diverged:
                 logger.log(metrics, step=step)
-            if step % train_cfg.checkpoint_every == 0:
+            if step % train_cfg.checkpoint_every == 0 and not diverged:
                 save_checkpoint(trainer.state_dict(), run.checkpoint)
             bar.update(1)
             bar.set_postfix(_progress(metrics), refresh=False)
         bar.close()
-        save_checkpoint(trainer.state_dict(), run.checkpoint)
+        # skipped steps never update the weights, but an update can overflow them: keep the last
+        # checkpoint then, so that what is saved is always a finite policy
+        kept = trainer.weights_are_finite()
+        if kept:
+            save_checkpoint(trainer.state_dict(), run.checkpoint)
         summary = _summary(
             trainer, calibration, history, time.perf_counter() - started, run_dir, stop.signal
         )
-        summary.update(started_at=started_at, finished_at=time.time())
+        summary.update(started_at=started_at, finished_at=time.time(), diverged=diverged)
         logger.summary(summary)
+    if diverged or not kept:
+        saved = f"step {trainer.step_count}'s" if kept else "the previous checkpoint's"
+        raise DivergenceError(
+            f"training diverged: {trainer.bad_steps} steps in a row had a non-finite loss or "
+            f"gradient (skipped; train/skipped_steps={trainer.skipped_steps}); {run.checkpoint} "
+            f"holds {saved} finite weights; lower train.lr (now {train_cfg.lr:g}) or keep "
+            f"device.dtype=float32 (now {cfg.device.dtype})"
+        )
     if stop.signal is None:
         trainer.policy.save_pretrained(run.policy)
         trainer.tokenizer.save_pretrained(run.policy)
@@ -159,6 +180,7 @@ def _summary(
         "steps": trainer.step_count,
         "samples_seen": trainer.samples_seen,
         "stopped_by_signal": stopped_by,
+        "skipped_steps": trainer.skipped_steps,
         "wall_s": wall_s,
         "prior": {k: calibration["metrics"][k] for k in features},
         # every logged metric (what a sweeper can optimise), the shown ones first

@@ -3,12 +3,14 @@
 ```
 <run dir>/
   .hydra/config.yaml overrides.yaml   the composed config and the command's overrides (Hydra's)
-  calibration.json                    prior base rates, λ, KL(p‖a) from train.fit_samples prior samples
+  calibration.json                    prior base rates, λ, KL(p‖a) from train.fit_samples
+                                      prior samples
   metrics.jsonl                       one JSON object per logged step (step 0 = the prior)
   samples.jsonl                       texts with their scores at eval steps
   checkpoints/last.pt                 policy, proposal, optimizer, log Ẑ, λ, RNG states (atomic)
   policy/                             the fine-tuned model, loadable with transformers
-  summary.json                        the prior's rates and every metric's mean over the last 10 steps
+  summary.json                        the prior's rates and every metric's mean over the last
+                                      10 steps
   wandb/  wandb_run_id.txt            the W&B run, when the wandb sink is on
   eval.json  eval/                    `dmtune eval`: metrics ± standard errors, the W&B eval run
   eval-<overrides>.json               `dmtune eval RUN_DIR constraint=...`: against another target
@@ -22,6 +24,7 @@ from the saved config and the last checkpoint, without an optimizer: what ``eval
 from __future__ import annotations
 
 import json
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -129,6 +132,14 @@ class RunDir:
         """The run's own ``eval.json`` metrics, or None before ``dmtune eval``."""
         path = self.eval_report()
         return json.loads(path.read_text())["metrics"] if path.is_file() else None
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write a small text file (calibration.json, summary.json) whole or not at all: a kill
+    mid-write leaves the previous version."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
 
 
 def eval_name(overrides: list[str]) -> str:

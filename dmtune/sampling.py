@@ -144,7 +144,10 @@ def sample(
     for t in range(max_new):
         logits = warp_logits(at_least_float32(out.logits[:, -1]), decoding)  # (batch, vocab)
         logp = logits.log_softmax(-1)
-        token = torch.multinomial(logp.exp(), 1, generator=generator).squeeze(-1)
+        # A diverged model's row (NaN or inf logits) is NaN throughout after log-softmax: draw it
+        # uniformly so that sampling goes on; its log q becomes NaN and the trainer skips the step.
+        probs = logp.exp().nan_to_num_(nan=1.0)
+        token = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
         token = torch.where(alive, token, filler_id)
         log_q += torch.where(alive, logp.gather(-1, token[:, None]).squeeze(-1), 0.0)
         tokens[:, t] = token

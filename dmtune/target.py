@@ -177,7 +177,8 @@ def fit_lambdas(
             break
     weights = torch.softmax(log_w0 + phi @ lam, 0)
     raise UnreachableMomentError(
-        f"λ fitting did not reach the target moments {target.tolist()} (got {(weights @ phi).tolist()} "
+        f"λ fitting did not reach the target moments {target.tolist()} "
+        f"(got {(weights @ phi).tolist()} "
         f"with λ={lam.tolist()}): the moments lie on or outside the edge of what "
         f"{int(usable.sum())} samples show; draw more samples or move the target inside"
     )
@@ -193,8 +194,9 @@ def _check_reachable(phi: torch.Tensor, target: torch.Tensor) -> None:
     for j in range(phi.shape[1]):
         if not low[j] < target[j] < high[j]:
             raise UnreachableMomentError(
-                f"distributional feature #{j}: target moment {target[j].item():g} is not strictly inside "
-                f"[{low[j].item():g}, {high[j].item():g}], the range seen on {phi.shape[0]} samples; "
+                f"distributional feature #{j}: target moment {target[j].item():g} is not "
+                f"strictly inside [{low[j].item():g}, {high[j].item():g}], the range seen on "
+                f"{phi.shape[0]} samples; "
                 "use a pointwise constraint for a moment of 0 or 1, or draw more samples"
             )
 
@@ -220,6 +222,13 @@ class RunningLogZ:
         self.log_sum = torch.logaddexp(self.log_sum, batch_sum)
         self.count += log_weights.numel()
         return self.value
+
+    def updated(self, log_weights: torch.Tensor) -> RunningLogZ:
+        """A copy with a batch added, this one unchanged (commit it by assignment)."""
+        copy = RunningLogZ()
+        copy.log_sum, copy.count = self.log_sum, self.count
+        copy.update(log_weights)
+        return copy
 
     @property
     def value(self) -> torch.Tensor:

@@ -57,9 +57,9 @@ class Trainer:
         )
         if self.spec.family == "rm" and not target.pointwise and target.reward is None:
             raise ValueError(
-                f"objective {config.objective!r} maximises a reward, but the constraint set has only "
-                f"distributional features; use a distribution-matching objective ({', '.join(names_of('dm'))}) "
-                "or add a pointwise constraint or reward"
+                f"objective {config.objective!r} maximises a reward, but the constraint set has "
+                "only distributional features; use a distribution-matching objective "
+                f"({', '.join(names_of('dm'))}) or add a pointwise constraint or reward"
             )
         torch.manual_seed(config.seed)
         self.target = target
@@ -87,6 +87,8 @@ class Trainer:
         self.generator = torch.Generator(self.device).manual_seed(config.seed)
         self.step_count = 0
         self.samples_seen = 0
+        self.skipped_steps = 0  # steps whose loss or gradient was not finite (no update)
+        self.bad_steps = 0  # of them, how many in a row up to now
         self.last_samples: Samples | None = None
         self.last_scores: Scores | None = None
         self.exact_space = (
@@ -151,7 +153,9 @@ class Trainer:
         # --- loss: one forward + backward of the policy ---
         log_policy = self.lm.log_probs(samples, model=self.policy)  # (batch,) with grad
         log_proposal = samples.log_q if self.proposal is not None else log_policy.detach()
-        log_z = self.log_z.update(log_target - log_proposal)
+        # log Ẑ with this batch: committed below only if the step is finite
+        running_log_z = self.log_z.updated(log_target - log_proposal)
+        log_z = running_log_z.value
         batch = Batch(log_policy, log_proposal, log_prior, log_target, log_z, scores.reward)
         loss, objective_metrics = self.spec.loss(batch, **self.loss_kwargs)
         self.optimizer.zero_grad(set_to_none=True)
@@ -159,8 +163,18 @@ class Trainer:
         clip = self.config.grad_clip if self.config.grad_clip > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), clip)
         lr = self.scheduler.get_last_lr()[0]
-        self.optimizer.step()
-        self.scheduler.step()
+        # A diverged policy (NaN logits, an overflowing loss) must not reach the weights, the
+        # optimizer's moments or log Ẑ: such a step is skipped and counted. One host sync.
+        finite = torch.isfinite(loss.detach()) & torch.isfinite(grad_norm) & ~torch.isnan(log_z)
+        if bool(finite):
+            self.log_z = running_log_z
+            self.optimizer.step()
+            self.scheduler.step()
+            self.bad_steps = 0
+        else:
+            self.optimizer.zero_grad(set_to_none=True)
+            self.skipped_steps += 1
+            self.bad_steps += 1
         self.step_count += 1
         self.samples_seen += len(samples)
 
@@ -185,6 +199,7 @@ class Trainer:
         values.update(
             {
                 m.LR: lr,
+                m.SKIPPED_STEPS: self.skipped_steps,
                 m.STEP: self.step_count,
                 m.SAMPLES_SEEN: self.samples_seen,
                 **m.diversity(samples.texts),
@@ -222,7 +237,8 @@ class Trainer:
     # --- checkpointing -----------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        """Everything needed to resume exactly: weights, optimizer, log Ẑ, λ, RNG states, counters."""
+        """Everything needed to resume exactly: weights, optimizer, log Ẑ, λ, RNG states,
+        counters."""
         return {
             "policy": self.policy.state_dict(),
             "proposal": self.proposal.state_dict() if self.proposal is not None else None,
@@ -236,6 +252,8 @@ class Trainer:
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
             "step": self.step_count,
             "samples_seen": self.samples_seen,
+            "skipped_steps": self.skipped_steps,
+            "bad_steps": self.bad_steps,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -251,6 +269,16 @@ class Trainer:
         if state["cuda_rng"]:
             torch.cuda.set_rng_state_all(state["cuda_rng"])
         self.step_count, self.samples_seen = state["step"], state["samples_seen"]
+        # checkpoints of dmtune 0.1.0 predate skipped steps
+        self.skipped_steps, self.bad_steps = (
+            state.get("skipped_steps", 0),
+            state.get("bad_steps", 0),
+        )
+
+    def weights_are_finite(self) -> bool:
+        """Whether every weight of the policy (and proposal) is finite."""
+        models = [self.policy] + ([self.proposal] if self.proposal is not None else [])
+        return all(bool(torch.isfinite(p).all()) for model in models for p in model.parameters())
 
 
 @torch.no_grad()
@@ -284,15 +312,16 @@ def calibrate(
     for constraint in target.pointwise:
         if by_name[constraint.name].sum() == 0:
             raise ValueError(
-                f"pointwise constraint {constraint.name!r} holds for 0 of {n} prior samples: the target "
-                "is unreachable by importance sampling; raise train.fit_samples, relax the constraint, or "
-                "make it distributional with a small moment"
+                f"pointwise constraint {constraint.name!r} holds for 0 of {n} prior samples: "
+                "the target is unreachable by importance sampling; raise train.fit_samples, "
+                "relax the constraint, or make it distributional with a small moment"
             )
     if target.pointwise and torch.isneginf(joined.log_b).all():
         names = ", ".join(c.name for c in target.pointwise)
         raise ValueError(
-            f"the pointwise constraints {names} never hold together in {n} prior samples (each holds "
-            "alone): the target is unreachable by importance sampling; raise train.fit_samples or drop one"
+            f"the pointwise constraints {names} never hold together in {n} prior samples "
+            "(each holds alone): the target is unreachable by importance sampling; "
+            "raise train.fit_samples or drop one"
         )
     # samples of the prior itself: log a − log q = 0, so the base weights are log b
     zeros = torch.zeros(n, dtype=torch.float64, device=joined.log_b.device)

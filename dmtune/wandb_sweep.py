@@ -54,7 +54,8 @@ def wandb_sweep_config(
     method = method or ("bayes" if searched and metric else "random" if searched else "grid")
     if method == "grid" and searched:
         raise ValueError(
-            "method grid cannot search an interval(); list values (a,b,c) or use --method random/bayes"
+            "method grid cannot search an interval(); "
+            "list values (a,b,c) or use --method random/bayes"
         )
     if method == "bayes" and not metric:
         raise ValueError(

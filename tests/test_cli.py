@@ -13,13 +13,16 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from dmtune.cli import CONF_DIR, app
+from dmtune.cli import app
 from dmtune.loggers import read_jsonl, read_offline_history
-from dmtune.priors import TINY_PRIOR_DIR
 from dmtune.objectives import OBJECTIVES
+from dmtune.overrides import CONF_DIR
+from dmtune.priors import TINY_PRIOR_DIR
 
 runner = CliRunner()
-needs_tiny = pytest.mark.skipif(not (TINY_PRIOR_DIR / "model.safetensors").is_file(), reason="embedded prior not built")
+needs_tiny = pytest.mark.skipif(
+    not (TINY_PRIOR_DIR / "model.safetensors").is_file(), reason="embedded prior not built"
+)
 SMOKE = ["experiment=smoke", "device.threads=1"]
 
 
@@ -33,7 +36,11 @@ def _options(group: str) -> list[str]:
 
 @pytest.mark.parametrize(
     "group, option",
-    [(g, o) for g in ("model", "constraint", "objective", "device", "logger", "experiment", "size") for o in _options(g)],
+    [
+        (g, o)
+        for g in ("model", "constraint", "objective", "device", "logger", "experiment", "size")
+        for o in _options(g)
+    ],
 )
 def test_every_config_option_composes(group, option):
     result = dmtune("config", f"{group}={option}")
@@ -55,15 +62,24 @@ def test_constraints_compose_into_one_set():
 @pytest.mark.parametrize(
     "override, expected",
     [
-        ("objective=dpgg", "objective=dpgg is not an option of objective; valid: dpg, dpg_baseline, fdpg"),
+        (
+            "objective=dpgg",
+            "objective=dpgg is not an option of objective; valid: dpg, dpg_baseline, fdpg",
+        ),
         ("train.stepz=3", "unknown key 'train.stepz'; valid keys of train: batch_size"),
         ("train.stepz=3", "(did you mean 'steps'?)"),
         ("objectiv=dpg", "(did you mean 'objective'?)"),
         ("train.steps=abc", "train.steps"),
         ("objective.beta=0.1", "objective.beta is set but dpg_baseline takes no beta"),
-        ("constraint.features.positive.kind=sentimental", "is not a feature kind; valid: sentiment"),
+        (
+            "constraint.features.positive.kind=sentimental",
+            "is not a feature kind; valid: sentiment",
+        ),
         ("device.name=tpu", "device.name='tpu'; valid: auto, cpu, cuda"),
-        ("+constraint.features.positive.params.threshhold=0.3", "unknown 'threshhold' parameter(s); valid parameters: threshold"),
+        (
+            "+constraint.features.positive.params.threshhold=0.3",
+            "unknown 'threshhold' parameter(s); valid parameters: threshold",
+        ),
     ],
 )
 def test_bad_overrides_fail_in_one_line_naming_the_choices(override, expected):
@@ -88,18 +104,30 @@ def test_every_objective_runs_end_to_end_on_the_tiny_prior(tmp_path, objective):
     metrics = read_jsonl(run_dir / "metrics.jsonl")
     assert [m["step"] for m in metrics] == [0, 1, 2, 3, 4]
     assert [m["samples_seen"] for m in metrics] == [0, 16, 32, 48, 64]
-    assert 0 <= metrics[0]["constraint/positive"] <= 1 and metrics[0]["divergence/kl_policy_prior"] == 0
-    for key in ("train/loss", "divergence/kl_target_policy", "divergence/kl_policy_prior", "perf/samples_per_s"):
+    assert (
+        0 <= metrics[0]["constraint/positive"] <= 1
+        and metrics[0]["divergence/kl_policy_prior"] == 0
+    )
+    for key in (
+        "train/loss", "divergence/kl_target_policy", "divergence/kl_policy_prior",
+        "perf/samples_per_s",
+    ):
         assert all(key in m for m in metrics[1:]), key
     samples = read_jsonl(run_dir / "samples.jsonl")
-    assert len(samples) == 8 and all(isinstance(s["text"], str) and "positive" in s for s in samples)
-    assert (run_dir / "checkpoints" / "last.pt").is_file() and (run_dir / "policy" / "model.safetensors").is_file()
+    assert len(samples) == 8 and all(
+        isinstance(s["text"], str) and "positive" in s for s in samples
+    )
+    assert (run_dir / "checkpoints" / "last.pt").is_file() and (
+        run_dir / "policy" / "model.safetensors"
+    ).is_file()
     assert (run_dir / ".hydra" / "config.yaml").is_file()
     history = {row["_step"]: row for row in read_offline_history(run_dir) if "train/loss" in row}
     assert sorted(history) == [1, 2, 3, 4]
     for m in metrics[1:]:
         assert history[m["step"]]["train/loss"] == pytest.approx(m["train/loss"], rel=1e-6)
-        assert history[m["step"]]["divergence/kl_policy_prior"] == pytest.approx(m["divergence/kl_policy_prior"], rel=1e-6)
+        assert history[m["step"]]["divergence/kl_policy_prior"] == pytest.approx(
+            m["divergence/kl_policy_prior"], rel=1e-6
+        )
 
 
 @needs_tiny
@@ -114,7 +142,10 @@ def test_sample_prints_scored_samples_and_a_corrupt_checkpoint_is_a_clear_error(
     for args in (("sample", str(run_dir)), ("train", f"resume={run_dir}")):
         result = dmtune(*args)
         assert result.exit_code == 2
-        assert result.stderr.strip().splitlines() == [result.stderr.strip()] and "corrupt or truncated" in result.stderr
+        assert (
+            result.stderr.strip().splitlines() == [result.stderr.strip()]
+            and "corrupt or truncated" in result.stderr
+        )
     assert (run_dir / "metrics.jsonl").read_text() == metrics_before  # nothing written is lost
 
 
@@ -131,7 +162,9 @@ def test_resume_after_sigterm_reproduces_the_uninterrupted_run(tmp_path):
     )
     metrics_file = interrupted / "metrics.jsonl"
     deadline = time.time() + 300
-    while time.time() < deadline and (not metrics_file.is_file() or len(metrics_file.read_text().splitlines()) < 4):
+    while time.time() < deadline and (
+        not metrics_file.is_file() or len(metrics_file.read_text().splitlines()) < 4
+    ):
         time.sleep(0.05)
     process.send_signal(signal.SIGTERM)
     _, stderr = process.communicate(timeout=300)
@@ -145,19 +178,34 @@ def test_resume_after_sigterm_reproduces_the_uninterrupted_run(tmp_path):
     resumed, reference = read_jsonl(metrics_file), read_jsonl(straight / "metrics.jsonl")
     assert [m["step"] for m in resumed] == list(range(11))
     for a, b in zip(reference, resumed):
-        assert {k: v for k, v in a.items() if not k.startswith("perf/")} == {k: v for k, v in b.items() if not k.startswith("perf/")}
+        assert {k: v for k, v in a.items() if not k.startswith("perf/")} == {
+            k: v for k, v in b.items() if not k.startswith("perf/")
+        }
 
 
 def test_a_prior_that_cannot_be_loaded_is_one_line(tmp_path):
-    result = dmtune("train", f"model.name_or_path={tmp_path / 'nothing_here'}", f"hydra.run.dir={tmp_path / 'run'}", "logger=none")
+    result = dmtune(
+        "train", f"model.name_or_path={tmp_path / 'nothing_here'}",
+        f"hydra.run.dir={tmp_path / 'run'}", "logger=none",
+    )
     assert result.exit_code == 2
-    assert result.stderr.strip().count("\n") == 0 and "error: " in result.stderr and "nothing_here" in result.stderr
+    assert (
+        result.stderr.strip().count("\n") == 0
+        and "error: " in result.stderr
+        and "nothing_here" in result.stderr
+    )
 
 
 def test_a_word_the_tokenizer_cannot_produce_is_one_line(tmp_path):
-    result = dmtune("train", "experiment=toy", "constraint=word", f"hydra.run.dir={tmp_path / 'run'}", "logger=none")
+    result = dmtune(
+        "train", "experiment=toy", "constraint=word", f"hydra.run.dir={tmp_path / 'run'}",
+        "logger=none",
+    )
     assert result.exit_code == 2
-    assert result.stderr.strip().count("\n") == 0 and "'good' cannot be produced by the tokenizer" in result.stderr
+    assert (
+        result.stderr.strip().count("\n") == 0
+        and "'good' cannot be produced by the tokenizer" in result.stderr
+    )
 
 
 @needs_tiny
@@ -165,9 +213,9 @@ def test_a_word_the_tokenizer_cannot_produce_is_one_line(tmp_path):
 def test_every_constraint_option_builds_its_target_on_the_tiny_tokenizer(option):
     from transformers import AutoTokenizer
 
+    from dmtune.build import build_target
     from dmtune.cli import compose_config
     from dmtune.priors import make_toy_tokenizer
-    from dmtune.build import build_target
 
     toy = option.startswith("toy")  # toy constraints name toy tokens
     cfg = compose_config([f"constraint={option}", *(["model=toy"] if toy else [])])
@@ -175,12 +223,18 @@ def test_every_constraint_option_builds_its_target_on_the_tiny_tokenizer(option)
     target = build_target(cfg, tokenizer)
     roles = {name: f.role for name, f in cfg.constraint.features.items()}
     assert [f.name for f in target.pointwise] == [n for n, r in roles.items() if r == "pointwise"]
-    assert [f.name for f in target.distributional] == [n for n, r in roles.items() if r == "distributional"]
+    assert [f.name for f in target.distributional] == [
+        n for n, r in roles.items() if r == "distributional"
+    ]
 
 
-@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the message on a machine without a GPU")
+@pytest.mark.skipif(
+    __import__("torch").cuda.is_available(), reason="checks the message on a machine without a GPU"
+)
 def test_cuda_without_a_gpu_is_one_line(tmp_path):
-    result = dmtune("train", "device=cuda", "experiment=toy", f"hydra.run.dir={tmp_path / 'run'}", "logger=none")
+    result = dmtune(
+        "train", "device=cuda", "experiment=toy", f"hydra.run.dir={tmp_path / 'run'}", "logger=none"
+    )
     assert result.exit_code == 2 and "torch sees no CUDA GPU; use device=cpu" in result.stderr
 
 
@@ -202,13 +256,18 @@ PAPER_EXPERIMENTS = [o for o in _options("experiment") if o not in ("smoke", "to
 def test_every_paper_experiment_calibrates_and_steps_on_the_tiny_prior(tmp_path, experiment):
     run_dir = tmp_path / experiment
     result = dmtune(
-        "train", f"experiment={experiment}", "train.steps=1", "train.batch_size=64", "train.fit_samples=1024",
-        "device.threads=1", "logger=none", f"hydra.run.dir={run_dir}",
+        "train", f"experiment={experiment}", "train.steps=1", "train.batch_size=64",
+        "train.fit_samples=1024", "device.threads=1", "logger=none", f"hydra.run.dir={run_dir}",
     )
     assert result.exit_code == 0, result.output
     calibration = json.loads((run_dir / "calibration.json").read_text())
-    assert all(0 < v < 1 for k, v in calibration["metrics"].items() if k.startswith("constraint/") and not k.endswith("_target"))
-    if calibration["lambda_fit"] is not None:  # distributional: λ reaches the moments on the prior's samples
+    assert all(
+        0 < v < 1
+        for k, v in calibration["metrics"].items()
+        if k.startswith("constraint/") and not k.endswith("_target")
+    )
+    # distributional: λ reaches the moments on the prior's samples
+    if calibration["lambda_fit"] is not None:
         targets = [v for k, v in calibration["metrics"].items() if k.endswith("_target")]
         assert calibration["lambda_fit"]["achieved"] == pytest.approx(targets, abs=1e-3)
 
@@ -225,4 +284,6 @@ def test_paper_experiments_sweep_only_the_objectives_that_apply(experiment):
     objectives = cfg.hydra.sweeper.params.objective.split(",")
     assert set(objectives) <= set(OBJECTIVES)
     distributional = any(f.role == "distributional" for f in cfg.constraint.features.values())
-    assert ({"reinforce", "kl_control"} & set(objectives)) == (set() if distributional else {"reinforce", "kl_control"})
+    assert ({"reinforce", "kl_control"} & set(objectives)) == (
+        set() if distributional else {"reinforce", "kl_control"}
+    )

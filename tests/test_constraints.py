@@ -1,4 +1,5 @@
-"""Features on real text: VADER sentiment, whole-word lists, gender words, and the config registry."""
+"""Features on real text: VADER sentiment, whole-word lists, gender words, and the config
+registry."""
 
 from __future__ import annotations
 
@@ -24,15 +25,16 @@ from dmtune.constraints import (
     compound_sentiment,
     feature_params,
 )
-from dmtune.priors import EOS_TOKEN, make_toy_tokenizer
-from dmtune.priors import TINY_PRIOR_DIR
+from dmtune.priors import EOS_TOKEN, TINY_PRIOR_DIR, make_toy_tokenizer
 from dmtune.sampling import Samples
 
 POSITIVE = "What a wonderful, amazing day: I love it!"
 NEGATIVE = "This is a terrible, awful mess and I hate it."
 NEUTRAL = "The table is in the kitchen."
 MIN_TOPIC_WORDS = 40
-BPE_CORPUS = [POSITIVE, NEGATIVE, NEUTRAL, "She said her mother was a scientist.", "He voted in the election."]
+BPE_CORPUS = [
+    POSITIVE, NEGATIVE, NEUTRAL, "She said her mother was a scientist.", "He voted in the election."
+]
 
 
 def make_samples(texts: list[str], tokens: torch.Tensor | None = None) -> Samples:
@@ -56,11 +58,13 @@ def bpe_tokenizer() -> PreTrainedTokenizerFast:
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=300, special_tokens=[EOS_TOKEN], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
+        vocab_size=300, special_tokens=[EOS_TOKEN],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
     )
     backend.train_from_iterator(BPE_CORPUS, trainer=trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token=EOS_TOKEN, bos_token=EOS_TOKEN)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, eos_token=EOS_TOKEN, bos_token=EOS_TOKEN
+    )
 
 
 def real_tokenizers(bpe: PreTrainedTokenizerFast) -> list[PreTrainedTokenizerFast]:
@@ -73,7 +77,9 @@ def real_tokenizers(bpe: PreTrainedTokenizerFast) -> list[PreTrainedTokenizerFas
 
 def word_level_tokenizer() -> PreTrainedTokenizerFast:
     """A word-level tokenizer that knows every word of every built-in list."""
-    everything = {w for words in WORD_LISTS.values() for w in words} | set(FEMALE_WORDS) | set(MALE_WORDS)
+    everything = (
+        {w for words in WORD_LISTS.values() for w in words} | set(FEMALE_WORDS) | set(MALE_WORDS)
+    )
     return make_toy_tokenizer(tuple(sorted(everything)))
 
 
@@ -112,13 +118,17 @@ def test_word_lists_are_long_lowercase_unique_single_words(topic):
     words = WORD_LISTS[topic]
     assert len(words) >= MIN_TOPIC_WORDS
     assert len(set(words)) == len(words)
-    assert all(re.fullmatch(r"[a-z]+", w) for w in words), [w for w in words if not re.fullmatch(r"[a-z]+", w)]
+    assert all(re.fullmatch(r"[a-z]+", w) for w in words), [
+        w for w in words if not re.fullmatch(r"[a-z]+", w)
+    ]
 
 
 def test_science_and_politics_lists_exist_and_match_their_topic():
     science = build_feature("science", "wordlist", {"topic": "science"}, word_level_tokenizer())
     politics = build_feature("politics", "wordlist", {"topic": "politics"}, word_level_tokenizer())
-    samples = make_samples(["The physicist ran an experiment.", "The senator lost the election.", NEUTRAL])
+    samples = make_samples(
+        ["The physicist ran an experiment.", "The senator lost the election.", NEUTRAL]
+    )
     assert science(samples).tolist() == [1.0, 0.0, 0.0]
     assert politics(samples).tolist() == [0.0, 1.0, 0.0]
 
@@ -130,7 +140,10 @@ def test_gender_features_find_female_and_male_mentions():
     tokenizer = word_level_tokenizer()
     female = build_feature("female", "female", {}, tokenizer)
     male = build_feature("male", "male", {}, tokenizer)
-    texts = ["She went home.", "Her mother called.", "He went home.", "The herald arrived; the shepherd slept.", NEUTRAL]
+    texts = [
+        "She went home.", "Her mother called.", "He went home.",
+        "The herald arrived; the shepherd slept.", NEUTRAL,
+    ]
     samples = make_samples(texts)
     assert female(samples).tolist() == [1.0, 1.0, 0.0, 0.0, 0.0]
     assert male(samples).tolist() == [0.0, 0.0, 1.0, 0.0, 0.0]
@@ -143,11 +156,13 @@ def test_gender_features_find_female_and_male_mentions():
 @pytest.mark.parametrize("kind", sorted(FEATURE_KINDS))
 def test_every_kind_returns_one_float_per_sample_on_the_tokens_device(kind):
     tokenizer = word_level_tokenizer()
-    params = {"word": {"word": "mother"}, "wordlist": {"topic": "science"}, "token": {"token": "mother"},
-              "token_count": {"token": "mother"}}.get(kind, {})
+    params = {"word": {"word": "mother"}, "wordlist": {"topic": "science"},
+              "token": {"token": "mother"}, "token_count": {"token": "mother"}}.get(kind, {})
     feature = build_feature(f"f_{kind}", kind, params, tokenizer)
     tokens = torch.tensor([[tokenizer.get_vocab()["mother"], 0, 0], [0, 0, 0]])
-    values = feature(make_samples(["Her mother is a wonderful, amazing scientist!", NEUTRAL], tokens))
+    values = feature(
+        make_samples(["Her mother is a wonderful, amazing scientist!", NEUTRAL], tokens)
+    )
     assert values.shape == (2,) and values.dtype == torch.float32 and values.device == tokens.device
     assert values[0] != values[1] or kind == "male"
 
@@ -180,7 +195,11 @@ def test_unknown_kind_names_every_valid_kind():
 def test_bad_and_missing_params_name_the_valid_params():
     toy = make_toy_tokenizer()
     message = one_line_error(name="x", kind="word", params={"wrd": "a"}, tokenizer=toy)
-    assert "unknown 'wrd'" in message and "missing 'word'" in message and "valid parameters: word" in message
+    assert (
+        "unknown 'wrd'" in message
+        and "missing 'word'" in message
+        and "valid parameters: word" in message
+    )
     message = one_line_error(name="x", kind="sentiment", params={"treshold": 0.2}, tokenizer=toy)
     assert "'treshold'" in message and "threshold (optional)" in message
     message = one_line_error(name="x", kind="female", params={"words": ["she"]}, tokenizer=toy)
@@ -192,14 +211,20 @@ def test_wordlist_needs_exactly_one_known_topic_or_a_list_of_words():
     message = one_line_error(name="x", kind="wordlist", params={"topic": "cooking"}, tokenizer=toy)
     assert "'cooking'" in message and all(topic in message for topic in WORD_LISTS)
     assert "exactly one" in one_line_error(name="x", kind="wordlist", params={}, tokenizer=toy)
-    assert "list of strings" in one_line_error(name="x", kind="wordlist", params={"words": "a b"}, tokenizer=toy)
-    assert build_feature("ab", "wordlist", {"words": ["a", "b"]}, toy) == WordsPresent(("a", "b"), "ab")
+    assert "list of strings" in one_line_error(
+        name="x", kind="wordlist", params={"words": "a b"}, tokenizer=toy
+    )
+    assert build_feature("ab", "wordlist", {"words": ["a", "b"]}, toy) == WordsPresent(
+        ("a", "b"), "ab"
+    )
 
 
 def test_a_word_the_toy_tokenizer_cannot_write_is_refused_with_its_vocabulary():
     toy = make_toy_tokenizer()
     message = one_line_error(name="x", kind="word", params={"word": "amazing"}, tokenizer=toy)
-    assert message.startswith("word 'amazing' cannot be produced by the tokenizer of this prior (vocabulary of 5:")
+    assert message.startswith(
+        "word 'amazing' cannot be produced by the tokenizer of this prior (vocabulary of 5:"
+    )
     assert "<|endoftext|>, a, b, c, d" in message
     message = one_line_error(name="x", kind="female", params={}, tokenizer=toy)
     assert "words 'she', 'her'" in message and "more)" in message
@@ -207,7 +232,12 @@ def test_a_word_the_toy_tokenizer_cannot_write_is_refused_with_its_vocabulary():
 
 
 def test_byte_level_tokenizers_can_write_every_built_in_word(bpe_tokenizer):
-    words = {w for ws in WORD_LISTS.values() for w in ws} | set(FEMALE_WORDS) | set(MALE_WORDS) | {"Amazing"}
+    words = (
+        {w for ws in WORD_LISTS.values() for w in ws}
+        | set(FEMALE_WORDS)
+        | set(MALE_WORDS)
+        | {"Amazing"}
+    )
     for tokenizer in real_tokenizers(bpe_tokenizer):
         assert all(can_produce(tokenizer, w) for w in words)
         feature = build_feature("science", "wordlist", {"topic": "science"}, tokenizer)

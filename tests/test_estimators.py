@@ -41,25 +41,32 @@ def draws(request, toy, toy_policy, near_policy, space):
     proposal = policy if request.param == "on_policy" else prior
     filler = filler_token_id(tokenizer, 5)
     prompt_ids, prompt_mask = encode_prompts(tokenizer, [""] * N_SAMPLES, filler)
-    samples = sample(proposal, tokenizer, prompt_ids, prompt_mask, Decoding(4), filler, torch.Generator().manual_seed(7))
+    samples = sample(
+        proposal, tokenizer, prompt_ids, prompt_mask, Decoding(4), filler,
+        torch.Generator().manual_seed(7),
+    )
     target = Target(pointwise=(TokenPresent(4, "has_d"),))
     with torch.no_grad():
         log_prior_space, log_pi_space = space.log_probs(prior), space.log_probs(policy)
         log_prior, log_pi = (
-            sequence_log_probs(m, samples.prompt_ids, samples.prompt_mask, samples.tokens, samples.mask)
+            sequence_log_probs(
+                m, samples.prompt_ids, samples.prompt_mask, samples.tokens, samples.mask
+            )
             for m in (prior, policy)
         )
     truth = target_truth(space, target, log_prior_space)
     return {
-        "samples": samples, "log_q": samples.log_q.double(), "log_prior": log_prior, "log_pi": log_pi,
-        "log_target": target.log_prob(log_prior, target.score(samples)), "truth": truth,
-        "log_pi_space": log_pi_space, "log_prior_space": log_prior_space,
+        "samples": samples, "log_q": samples.log_q.double(), "log_prior": log_prior,
+        "log_pi": log_pi, "log_target": target.log_prob(log_prior, target.score(samples)),
+        "truth": truth, "log_pi_space": log_pi_space, "log_prior_space": log_prior_space,
     }
 
 
 def _within(estimate_terms: torch.Tensor, exact: float) -> None:
     estimate, se = estimate_terms.mean().item(), est.standard_error(estimate_terms).item()
-    assert abs(estimate - exact) < Z_SCORE * se + 1e-9, f"{estimate:.4f} ± {se:.4f} vs exact {exact:.4f}"
+    assert abs(estimate - exact) < Z_SCORE * se + 1e-9, (
+        f"{estimate:.4f} ± {se:.4f} vs exact {exact:.4f}"
+    )
     assert se < 0.5 * max(abs(exact), 0.05)  # the check has teeth
 
 
@@ -72,12 +79,16 @@ def test_log_z(draws):
 
 
 def test_kl_target_policy(draws):
-    terms = est.kl_target_model_terms(draws["log_target"], draws["log_q"], draws["log_pi"], draws["truth"].log_z)
+    terms = est.kl_target_model_terms(
+        draws["log_target"], draws["log_q"], draws["log_pi"], draws["truth"].log_z
+    )
     _within(terms, kl(draws["truth"].log_p, draws["log_pi_space"]).item())
 
 
 def test_tv_target_policy(draws):
-    terms = est.tv_target_model_terms(draws["log_target"], draws["log_q"], draws["log_pi"], draws["truth"].log_z)
+    terms = est.tv_target_model_terms(
+        draws["log_target"], draws["log_q"], draws["log_pi"], draws["truth"].log_z
+    )
     exact = 0.5 * (draws["log_pi_space"].exp() - draws["truth"].log_p.exp()).abs().sum().item()
     _within(terms, exact)
 
@@ -90,12 +101,18 @@ def test_kl_policy_prior(draws):
 def test_moments_and_entropy(draws, space):
     rho = (draws["log_pi"] - draws["log_q"]).exp()
     has_d = TokenPresent(4, "has_d")
-    _within(rho * has_d(draws["samples"]).double(), (draws["log_pi_space"].exp() @ has_d(space.samples).double()).item())
-    assert est.moments(has_d(draws["samples"]).double(), draws["log_pi"], draws["log_q"]).item() == pytest.approx(
-        (rho * has_d(draws["samples"]).double()).mean().item())
+    _within(
+        rho * has_d(draws["samples"]).double(),
+        (draws["log_pi_space"].exp() @ has_d(space.samples).double()).item(),
+    )
+    assert est.moments(
+        has_d(draws["samples"]).double(), draws["log_pi"], draws["log_q"]
+    ).item() == pytest.approx((rho * has_d(draws["samples"]).double()).mean().item())
     exact_entropy = -(draws["log_pi_space"].exp() @ draws["log_pi_space"]).item()
     _within(rho * -draws["log_pi"], exact_entropy)
-    assert est.entropy(draws["log_pi"], draws["log_q"]).item() == pytest.approx((rho * -draws["log_pi"]).mean().item())
+    assert est.entropy(draws["log_pi"], draws["log_q"]).item() == pytest.approx(
+        (rho * -draws["log_pi"]).mean().item()
+    )
 
 
 def test_kl_estimate_is_zero_where_the_constraint_fails_not_nan():
@@ -108,7 +125,8 @@ def test_kl_estimate_is_zero_where_the_constraint_fails_not_nan():
 def test_effective_sample_size():
     assert est.effective_sample_size(torch.zeros(10)).item() == pytest.approx(10.0)
     assert est.effective_sample_size(torch.tensor([0.0, -1e4, -1e4])).item() == pytest.approx(1.0)
-    large = torch.tensor([1000.0, 1000.0, float("-inf")], dtype=torch.float64)  # no overflow in log space
+    # no overflow in log space
+    large = torch.tensor([1000.0, 1000.0, float("-inf")], dtype=torch.float64)
     assert est.effective_sample_size(large).item() == pytest.approx(2.0)
 
 

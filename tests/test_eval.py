@@ -1,4 +1,5 @@
-"""`dmtune eval`: every metric on fresh samples, within a few standard errors of the exact values."""
+"""`dmtune eval`: every metric on fresh samples, within a few standard errors of the exact
+values."""
 
 from __future__ import annotations
 
@@ -17,7 +18,10 @@ Z_SCORE = 4.0
 @pytest.fixture(scope="module")
 def trained_toy(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("toy") / "run"
-    result = runner.invoke(app, ["train", "experiment=toy", "train.steps=60", "logger=none", "device.threads=1", f"hydra.run.dir={run_dir}"])
+    result = runner.invoke(app, [
+        "train", "experiment=toy", "train.steps=60", "logger=none", "device.threads=1",
+        f"hydra.run.dir={run_dir}",
+    ])
     assert result.exit_code == 0, result.output
     return run_dir
 
@@ -28,13 +32,17 @@ def test_eval_matches_the_exact_values_and_logs_an_eval_run(trained_toy):
     report = json.loads((trained_toy / "eval.json").read_text())
     metrics, errors = report["metrics"], report["standard_errors"]
     assert report["step"] == 60 and report["n"] == 4096
-    for key in ("diversity/distinct_1", "diversity/distinct_2", "diversity/distinct_3", "diversity/self_bleu",
-                "target/log_z", "target/ess"):
+    for key in ("diversity/distinct_1", "diversity/distinct_2", "diversity/distinct_3",
+                "diversity/self_bleu", "target/log_z", "target/ess"):
         assert key in metrics, key
-    for key in ("divergence/kl_target_policy", "divergence/kl_policy_prior", "divergence/tv_target_policy",
-                "diversity/entropy", "constraint/has_b"):
-        exact = metrics[f"exact/{key.split('/', 1)[1]}" if not key.startswith("constraint") else f"exact/{key}"]
-        assert abs(metrics[key] - exact) < Z_SCORE * errors[key] + 1e-6, (key, metrics[key], errors[key], exact)
+    for key in ("divergence/kl_target_policy", "divergence/kl_policy_prior",
+                "divergence/tv_target_policy", "diversity/entropy", "constraint/has_b"):
+        exact = metrics[
+            f"exact/{key.split('/', 1)[1]}" if not key.startswith("constraint") else f"exact/{key}"
+        ]
+        assert abs(metrics[key] - exact) < Z_SCORE * errors[key] + 1e-6, (
+            key, metrics[key], errors[key], exact
+        )
         assert errors[key] > 0
     history = read_offline_history(trained_toy / "eval")
     assert any(row.get("_step") == 60 and "divergence/kl_policy_prior" in row for row in history)
@@ -42,25 +50,36 @@ def test_eval_matches_the_exact_values_and_logs_an_eval_run(trained_toy):
 
 def test_eval_of_a_dir_that_is_not_a_run_is_one_line(tmp_path):
     result = runner.invoke(app, ["eval", str(tmp_path)])
-    assert result.exit_code == 2 and result.stderr.strip().count("\n") == 0 and "is not a dmtune run dir" in result.stderr
+    assert (
+        result.exit_code == 2
+        and result.stderr.strip().count("\n") == 0
+        and "is not a dmtune run dir" in result.stderr
+    )
 
 
 def test_eval_against_another_target_keeps_the_runs_own_evaluation(trained_toy):
     """`dmtune eval RUN_DIR OVERRIDES`: λ is fitted for the new target, exact values still match."""
     own = trained_toy / "eval.json"
     before = own.read_bytes() if own.is_file() else None
-    overrides = ["constraint.features.has_b.role=distributional", "constraint.features.has_b.moment=0.5"]
-    result = runner.invoke(app, ["eval", str(trained_toy), "-n", "4096", "--wandb", "disabled", *overrides])
+    overrides = [
+        "constraint.features.has_b.role=distributional", "constraint.features.has_b.moment=0.5"
+    ]
+    result = runner.invoke(
+        app, ["eval", str(trained_toy), "-n", "4096", "--wandb", "disabled", *overrides]
+    )
     assert result.exit_code == 0, result.output
     written = sorted(trained_toy.glob("eval-*.json"))
     assert len(written) == 1 and "moment=0.5" in written[0].name
     report = json.loads(written[0].read_text())
     metrics, errors = report["metrics"], report["standard_errors"]
     assert report["overrides"] == overrides
-    assert metrics["exact/log_z"] > 0  # the distributional target, λ > 0 fitted: Z = E_a[exp(λ·φ)] > 1
+    # the distributional target, λ > 0 fitted: Z = E_a[exp(λ·φ)] > 1
+    assert metrics["exact/log_z"] > 0
     for key in ("divergence/kl_target_policy", "divergence/tv_target_policy"):
         exact = metrics[f"exact/{key.split('/', 1)[1]}"]
-        assert abs(metrics[key] - exact) < Z_SCORE * errors[key] + 1e-6, (key, metrics[key], errors[key], exact)
+        assert abs(metrics[key] - exact) < Z_SCORE * errors[key] + 1e-6, (
+            key, metrics[key], errors[key], exact
+        )
     # the policy was trained toward "always b", so it is far from the 50% target
     assert metrics["exact/kl_target_policy"] > 0.2
     assert (own.read_bytes() if own.is_file() else None) == before
@@ -68,6 +87,10 @@ def test_eval_against_another_target_keeps_the_runs_own_evaluation(trained_toy):
 
 def test_eval_overrides_fail_in_one_line(trained_toy):
     result = runner.invoke(app, ["eval", str(trained_toy), "constraint=toy_tokn"])
-    assert result.exit_code == 2 and result.stderr.strip().count("\n") == 0 and "did you mean 'toy_token'" in result.stderr
+    assert (
+        result.exit_code == 2
+        and result.stderr.strip().count("\n") == 0
+        and "did you mean 'toy_token'" in result.stderr
+    )
     result = runner.invoke(app, ["eval", str(trained_toy), "objective=dpg"])
     assert result.exit_code == 2 and "the run's own policy" in result.stderr

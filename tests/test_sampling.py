@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import TOY_MAX_NEW_TOKENS
 
 from dmtune.exact import ExactSpace, enumerate_sequences, space_size
 from dmtune.lm import encode_prompts, filler_token_id, sequence_log_probs
 from dmtune.sampling import Decoding, check_ancestral, sample
-
-from conftest import TOY_MAX_NEW_TOKENS
 
 
 def _index_of(space: ExactSpace, tokens: torch.Tensor, filler: int) -> torch.Tensor:
@@ -46,7 +45,9 @@ def test_eos_is_counted_and_truncation_is_its_own_outcome(toy):
     eos_row = torch.tensor([[2, 0]])
     cut_row = torch.tensor([[2, 0]])
     with torch.no_grad():
-        with_eos = sequence_log_probs(model, prompt_ids, prompt_mask, eos_row, torch.tensor([[1, 1]]))
+        with_eos = sequence_log_probs(
+            model, prompt_ids, prompt_mask, eos_row, torch.tensor([[1, 1]])
+        )
         prefix = sequence_log_probs(model, prompt_ids, prompt_mask, cut_row, torch.tensor([[1, 0]]))
         logits = model(input_ids=torch.tensor([[0, 2]])).logits[0, -1].log_softmax(-1)
     assert (with_eos - prefix).item() == pytest.approx(logits[0].item(), abs=1e-10)
@@ -77,13 +78,16 @@ def test_sampler_log_q_equals_exact_log_prob_and_frequencies_match(toy, space):
     n = 20_000
     prompt_ids, prompt_mask = encode_prompts(tokenizer, [""] * n, filler)
     generator = torch.Generator().manual_seed(0)
-    samples = sample(model, tokenizer, prompt_ids, prompt_mask, Decoding(TOY_MAX_NEW_TOKENS), filler, generator)
+    samples = sample(
+        model, tokenizer, prompt_ids, prompt_mask, Decoding(TOY_MAX_NEW_TOKENS), filler, generator
+    )
     with torch.no_grad():
         exact = space.log_probs(model)
     rows = _index_of(space, samples.tokens, filler)
     assert torch.allclose(samples.log_q.double(), exact[rows], atol=1e-5)
     frequency = torch.bincount(rows, minlength=len(space)).double() / n
-    assert 0.5 * (frequency - exact.exp()).abs().sum().item() < 0.05  # TV of 20k draws over 341 outcomes
+    # TV of 20k draws over 341 outcomes
+    assert 0.5 * (frequency - exact.exp()).abs().sum().item() < 0.05
 
 
 def test_warped_decoding_is_refused_for_training():
@@ -98,7 +102,10 @@ def test_warped_sampler_reports_its_own_log_q(toy):
     filler = filler_token_id(tokenizer, 5)
     prompt_ids, prompt_mask = encode_prompts(tokenizer, [""] * 2000, filler)
     decoding = Decoding(max_new_tokens=1, top_k=2)
-    samples = sample(model, tokenizer, prompt_ids, prompt_mask, decoding, filler, torch.Generator().manual_seed(0))
+    samples = sample(
+        model, tokenizer, prompt_ids, prompt_mask, decoding, filler,
+        torch.Generator().manual_seed(0),
+    )
     assert samples.tokens.unique().numel() == 2
     with torch.no_grad():
         top2 = model(input_ids=torch.tensor([[0]])).logits[0, -1].topk(2)

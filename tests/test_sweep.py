@@ -15,13 +15,22 @@ TOY = ["experiment=toy", "train.fit_samples=64", "logger=none", "device.threads=
 
 
 def test_a_2x2_sweep_writes_four_run_dirs_in_one_group(tmp_path):
-    result = runner.invoke(app, ["sweep", *TOY, "objective=dpg,dpg_baseline", "seed=0,1", "train.steps=3", f"hydra.sweep.dir={tmp_path}"])
+    result = runner.invoke(app, [
+        "sweep", *TOY, "objective=dpg,dpg_baseline", "seed=0,1", "train.steps=3",
+        f"hydra.sweep.dir={tmp_path}",
+    ])
     assert result.exit_code == 0, result.output
     jobs = sorted(p for p in tmp_path.iterdir() if p.is_dir())
-    assert [p.name for p in jobs] == ["0_dpg_seed0", "1_dpg_seed1", "2_dpg_baseline_seed0", "3_dpg_baseline_seed1"]
+    assert [p.name for p in jobs] == [
+        "0_dpg_seed0", "1_dpg_seed1", "2_dpg_baseline_seed0", "3_dpg_baseline_seed1"
+    ]
     configs = [OmegaConf.load(p / ".hydra" / "config.yaml") for p in jobs]
-    assert [(c.objective.name, c.seed) for c in configs] == [("dpg", 0), ("dpg", 1), ("dpg_baseline", 0), ("dpg_baseline", 1)]
-    assert len({c.logger.group for c in configs}) == 1 and configs[0].logger.group.startswith("sweep_")
+    assert [(c.objective.name, c.seed) for c in configs] == [
+        ("dpg", 0), ("dpg", 1), ("dpg_baseline", 0), ("dpg_baseline", 1)
+    ]
+    assert len({c.logger.group for c in configs}) == 1 and configs[0].logger.group.startswith(
+        "sweep_"
+    )
     histories = [read_jsonl(p / "metrics.jsonl") for p in jobs]
     assert all([m["step"] for m in h] == [0, 1, 2, 3] for h in histories)
     assert histories[0][1]["train/loss"] != histories[1][1]["train/loss"]  # the seeds differ
@@ -29,21 +38,35 @@ def test_a_2x2_sweep_writes_four_run_dirs_in_one_group(tmp_path):
 
 def test_the_joblib_launcher_runs_jobs_in_parallel(tmp_path):
     result = runner.invoke(app, [
-        "sweep", *TOY[:-1], "seed=0,1", "train.steps=150", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2",
-        f"hydra.sweep.dir={tmp_path}",
+        "sweep", *TOY[:-1], "seed=0,1", "train.steps=150", "hydra/launcher=joblib",
+        "hydra.launcher.n_jobs=2", f"hydra.sweep.dir={tmp_path}",
     ])
     assert result.exit_code == 0, result.output
-    summaries = [json.loads((p / "summary.json").read_text()) for p in sorted(tmp_path.glob("*_seed*"))]
+    summaries = [
+        json.loads((p / "summary.json").read_text()) for p in sorted(tmp_path.glob("*_seed*"))
+    ]
     assert len(summaries) == 2
     (start_a, end_a), (start_b, end_b) = [(s["started_at"], s["finished_at"]) for s in summaries]
     assert start_a < end_b and start_b < end_a  # their training loops overlapped in time
-    assert all(OmegaConf.load(p / ".hydra" / "config.yaml").device.threads == 1 for p in tmp_path.glob("*_seed*"))
+    assert all(
+        OmegaConf.load(p / ".hydra" / "config.yaml").device.threads == 1
+        for p in tmp_path.glob("*_seed*")
+    )
 
 
 def test_a_typo_in_any_swept_value_fails_before_any_job(tmp_path):
-    result = runner.invoke(app, ["sweep", *TOY, "objective=dpg,dpgg", f"hydra.sweep.dir={tmp_path}"])
+    result = runner.invoke(
+        app, ["sweep", *TOY, "objective=dpg,dpgg", f"hydra.sweep.dir={tmp_path}"]
+    )
     assert result.exit_code == 2
-    assert result.stderr.strip().splitlines() == [result.stderr.strip()] and "objective=dpgg is not an option" in result.stderr
+    assert (
+        result.stderr.strip().splitlines() == [result.stderr.strip()]
+        and "objective=dpgg is not an option" in result.stderr
+    )
     assert not any(tmp_path.iterdir())
     result = runner.invoke(app, ["sweep", *TOY, "model=glob(zz*)"])
-    assert result.exit_code == 2 and "selects nothing; options of model: gpt2, smollm2, tiny, toy" in result.stderr
+    assert (
+        result.exit_code == 2
+        and "selects nothing; options of model: gpt2, smollm2, tiny, toy"
+        in result.stderr
+    )

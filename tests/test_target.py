@@ -30,7 +30,9 @@ def test_lambda_fit_reaches_the_target_moments_exactly(toy, space, features, mom
     target = Target(distributional=features, moments=torch.tensor(moments))
     with torch.no_grad():
         log_prior = space.log_probs(model)
-    prior_moments = space.log_probs(model).exp().detach() @ target.score(space.samples).features.double()
+    prior_moments = (
+        space.log_probs(model).exp().detach() @ target.score(space.samples).features.double()
+    )
     assert (prior_moments - torch.tensor(moments)).abs().max() > 0.05  # the fit has work to do
     fit = target.fit(log_prior, torch.zeros_like(log_prior), target.score(space.samples))
     achieved = _exact_moments(space, target, log_prior)
@@ -42,7 +44,10 @@ def test_lambda_fit_on_samples_is_within_standard_errors(toy, space):
     model, tokenizer = toy
     filler = filler_token_id(tokenizer, 5)
     prompt_ids, prompt_mask = encode_prompts(tokenizer, [""] * 20_000, filler)
-    samples = sample(model, tokenizer, prompt_ids, prompt_mask, Decoding(4), filler, torch.Generator().manual_seed(3))
+    samples = sample(
+        model, tokenizer, prompt_ids, prompt_mask, Decoding(4), filler,
+        torch.Generator().manual_seed(3),
+    )
     target = Target(distributional=(HAS_D,), moments=torch.tensor([0.5]))
     fit = target.fit(samples.log_q, samples.log_q, target.score(samples))
     with torch.no_grad():
@@ -56,7 +61,9 @@ def test_moment_outside_the_observed_range_is_a_clear_error(toy, space):
     with torch.no_grad():
         log_prior = space.log_probs(model)
     target = Target(distributional=(HAS_D,), moments=torch.tensor([1.0]))
-    with pytest.raises(UnreachableMomentError, match=r"target moment 1 is not strictly inside \[0, 1\]"):
+    with pytest.raises(
+        UnreachableMomentError, match=r"target moment 1 is not strictly inside \[0, 1\]"
+    ):
         target.fit(log_prior, torch.zeros_like(log_prior), target.score(space.samples))
 
 
@@ -100,12 +107,16 @@ def test_theorem_1_kl_control_is_inference_toward_p_beta(toy, toy_policy, space)
 
 def test_running_log_z_is_log_mean_exp_of_everything_seen():
     torch.manual_seed(0)
-    batches = [torch.randn(7) * 30 - 200, torch.randn(5) * 30 + 100, torch.tensor([float("-inf")] * 3)]
+    batches = [
+        torch.randn(7) * 30 - 200, torch.randn(5) * 30 + 100, torch.tensor([float("-inf")] * 3)
+    ]
     running = RunningLogZ()
     for batch in batches:
         value = running.update(batch)
     everything = torch.cat(batches).double()
-    assert value.item() == pytest.approx((torch.logsumexp(everything, 0) - math.log(15)).item(), rel=1e-12)
+    assert value.item() == pytest.approx(
+        (torch.logsumexp(everything, 0) - math.log(15)).item(), rel=1e-12
+    )
     restored = RunningLogZ()
     restored.load_state_dict(running.state_dict())
     assert restored.value.item() == value.item() and restored.count == 15

@@ -35,10 +35,13 @@ def _train(prior, target, steps, **config):
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    "objective, kwargs", [("dpg", {}), ("dpg_baseline", {}), ("kl_dpg", {}), ("fdpg", {"divergence": "forward_kl"})]
+    "objective, kwargs",
+    [("dpg", {}), ("dpg_baseline", {}), ("kl_dpg", {}), ("fdpg", {"divergence": "forward_kl"})],
 )
 def test_distribution_matching_halves_kl_to_a_pointwise_target(prior, objective, kwargs):
-    trainer, start, _ = _train(prior, Target(pointwise=(HAS_D,)), 300, objective=objective, objective_params=kwargs)
+    trainer, start, _ = _train(
+        prior, Target(pointwise=(HAS_D,)), 300, objective=objective, objective_params=kwargs
+    )
     end = trainer.exact_metrics()
     assert end["exact/kl_target_policy"] < 0.5 * start["exact/kl_target_policy"]
     assert end["exact/constraint/has_d"] > start["exact/constraint/has_d"] + 0.05
@@ -47,7 +50,9 @@ def test_distribution_matching_halves_kl_to_a_pointwise_target(prior, objective,
 @pytest.mark.slow
 @pytest.mark.parametrize("objective", ["dpg_baseline", "kl_dpg"])
 def test_distribution_matching_reaches_a_distributional_target(prior, objective):
-    target = Target(distributional=(TokenCount(4, "n_d"),), moments=torch.tensor([1.5]), pointwise=())
+    target = Target(
+        distributional=(TokenCount(4, "n_d"),), moments=torch.tensor([1.5]), pointwise=()
+    )
     trainer, start, _ = _train(prior, target, 300, objective=objective)
     end = trainer.exact_metrics()
     assert end["exact/kl_target_policy"] < 0.5 * start["exact/kl_target_policy"]
@@ -59,14 +64,18 @@ def test_reinforce_collapses_to_low_entropy(prior):
     trainer, start, _ = _train(prior, Target(pointwise=(HAS_D,)), 300, objective="reinforce")
     end = trainer.exact_metrics()
     assert end["exact/constraint/has_d"] > 0.99
-    # the collapse of 2206.00761 §3: 0.39–0.81 nats over seeds 0–3, from 3.15 (DM methods stay near 3.7)
+    # the collapse of 2206.00761 §3: 0.39–0.81 nats over seeds 0–3, from 3.15
+    # (DM methods stay near 3.7)
     assert end["exact/entropy"] < 0.3 * start["exact/entropy"]
 
 
 @pytest.mark.slow
 def test_kl_control_moves_toward_its_own_target_p_beta(prior):
     beta = 0.5
-    trainer, _, _ = _train(prior, Target(pointwise=(HAS_D,)), 300, objective="kl_control", objective_params={"beta": beta})
+    trainer, _, _ = _train(
+        prior, Target(pointwise=(HAS_D,)), 300, objective="kl_control",
+        objective_params={"beta": beta},
+    )
     space = trainer.exact_space
     with torch.no_grad():
         log_prior, log_pi = space.log_probs(trainer.prior), space.log_probs(trainer.policy)
@@ -76,7 +85,10 @@ def test_kl_control_moves_toward_its_own_target_p_beta(prior):
 
 
 def test_kl_dpg_swaps_its_proposal_only_when_the_policy_is_closer(prior):
-    trainer, _, history = _train(prior, Target(pointwise=(HAS_D,)), 40, objective="kl_dpg", objective_params={"swap_every": 5})
+    trainer, _, history = _train(
+        prior, Target(pointwise=(HAS_D,)), 40, objective="kl_dpg",
+        objective_params={"swap_every": 5},
+    )
     swaps = [h["objective/proposal_updated"] for h in history if "objective/proposal_updated" in h]
     assert len(swaps) == 8 and sum(swaps) >= 1
     assert all("divergence/kl_target_proposal" in h for h in history)
@@ -88,9 +100,9 @@ def test_step_reports_the_glossary_metrics(prior):
     expected = {
         "train/loss", "train/grad_norm", "train/lr", "target/log_z", "target/ess",
         "divergence/kl_target_policy", "divergence/kl_policy_prior", "divergence/tv_target_policy",
-        "constraint/has_d", "objective/advantage_std", "diversity/distinct_1", "diversity/distinct_2",
-        "diversity/distinct_3", "diversity/entropy", "perf/samples_per_s", "perf/tokens_per_s", "perf/step_s",
-        "step", "samples_seen",
+        "constraint/has_d", "objective/advantage_std", "diversity/distinct_1",
+        "diversity/distinct_2", "diversity/distinct_3", "diversity/entropy", "perf/samples_per_s",
+        "perf/tokens_per_s", "perf/step_s", "step", "samples_seen",
     }
     assert expected <= set(history[-1])
     assert history[-1]["samples_seen"] == 128 and history[-1]["step"] == 2
@@ -99,7 +111,9 @@ def test_step_reports_the_glossary_metrics(prior):
 def test_resume_from_a_state_dict_reproduces_the_run_exactly(prior):
     target = Target(pointwise=(HAS_D,))
     model, tokenizer = prior
-    config = TrainerConfig(**{**TOY, "exact": False}, objective="kl_dpg", objective_params={"swap_every": 2})
+    config = TrainerConfig(
+        **{**TOY, "exact": False}, objective="kl_dpg", objective_params={"swap_every": 2}
+    )
     straight = Trainer(model, tokenizer, target, config)
     straight_history = [straight.step() for _ in range(6)]
 
@@ -134,12 +148,16 @@ def test_distributional_target_must_be_fitted_before_stepping(prior):
 
 def test_calibration_reports_base_rates_and_refuses_a_never_met_constraint(prior):
     model, tokenizer = prior
-    trainer = Trainer(model, tokenizer, Target(pointwise=(HAS_D,)), TrainerConfig(**TOY, fit_samples=2048))
+    trainer = Trainer(
+        model, tokenizer, Target(pointwise=(HAS_D,)), TrainerConfig(**TOY, fit_samples=2048)
+    )
     calibration = trainer.calibrate()
     exact = trainer.exact_metrics()
     rate, n = calibration["metrics"]["constraint/has_d"], calibration["fit_samples"]
     assert abs(rate - exact["exact/constraint/has_d"]) < 4 * (rate * (1 - rate) / n) ** 0.5
-    assert calibration["metrics"]["divergence/kl_target_policy"] == pytest.approx(exact["exact/kl_target_policy"], abs=0.05)
+    assert calibration["metrics"]["divergence/kl_target_policy"] == pytest.approx(
+        exact["exact/kl_target_policy"], abs=0.05
+    )
 
     never = Target(pointwise=(WordsPresent(("zebra",), "zebra"),))
     with pytest.raises(ValueError, match="'zebra' holds for 0 of 2048 prior samples"):
@@ -148,7 +166,8 @@ def test_calibration_reports_base_rates_and_refuses_a_never_met_constraint(prior
 
 @dataclass(frozen=True)
 class Lacks:
-    """1 when a token is absent: the complement of TokenPresent, for contradictory constraint sets."""
+    """1 when a token is absent: the complement of TokenPresent, for contradictory constraint
+    sets."""
 
     token_id: int
     name: str
@@ -160,24 +179,36 @@ class Lacks:
 def test_pointwise_constraints_that_never_hold_together_are_refused(prior):
     model, tokenizer = prior
     contradictory = Target(pointwise=(TokenPresent(2, "has_b"), Lacks(2, "lacks_b")))
-    with pytest.raises(ValueError, match="has_b, lacks_b never hold together in 1024 prior samples"):
+    with pytest.raises(
+        ValueError, match="has_b, lacks_b never hold together in 1024 prior samples"
+    ):
         Trainer(model, tokenizer, contradictory, TrainerConfig(**TOY, fit_samples=1024)).calibrate()
 
 
 def test_a_half_precision_prior_trains_float32_policy_weights(prior):
-    """device.dtype=bfloat16: updates of lr 1e-5 survive (pure bfloat16 weights would round them away)."""
+    """device.dtype=bfloat16: updates of lr 1e-5 survive (pure bfloat16 weights would round them
+    away)."""
     model, tokenizer = prior
-    trainer = Trainer(model.to(torch.bfloat16), tokenizer, Target(pointwise=(HAS_D,)),
-                      TrainerConfig(**{**TOY, "lr": 1e-5, "objective": "dpg_baseline", "grad_clip": 0.0}))
+    trainer = Trainer(
+        model.to(torch.bfloat16), tokenizer, Target(pointwise=(HAS_D,)),
+        TrainerConfig(**{**TOY, "lr": 1e-5, "objective": "dpg_baseline", "grad_clip": 0.0}),
+    )
     trainer.calibrate()
-    assert trainer.prior.dtype == torch.bfloat16 and all(p.dtype == torch.float32 for p in trainer.policy.parameters())
+    assert trainer.prior.dtype == torch.bfloat16 and all(
+        p.dtype == torch.float32 for p in trainer.policy.parameters()
+    )
     before = [p.detach().clone() for p in trainer.policy.parameters()]
     metrics = trainer.step()
-    assert math.isfinite(metrics["train/loss"]) and math.isfinite(metrics["divergence/kl_target_policy"])
+    assert math.isfinite(metrics["train/loss"]) and math.isfinite(
+        metrics["divergence/kl_target_policy"]
+    )
     changed = [(p.detach() - b).abs() for p, b in zip(trainer.policy.parameters(), before)]
     moved = sum(int((c > 0).sum()) for c in changed) / sum(c.numel() for c in changed)
     largest = max(float(c.max()) for c in changed)
     assert moved > 0.5 and 0.5e-5 < largest < 2e-5  # AdamW's first step moves each weight by ~lr
     # the same step rounded to bfloat16 would have left most weights where they were
-    rounded = [(p.detach().bfloat16().float() - b.bfloat16().float()).abs() for p, b in zip(trainer.policy.parameters(), before)]
+    rounded = [
+        (p.detach().bfloat16().float() - b.bfloat16().float()).abs()
+        for p, b in zip(trainer.policy.parameters(), before)
+    ]
     assert sum(int((r > 0).sum()) for r in rounded) / sum(r.numel() for r in rounded) < 0.5 * moved

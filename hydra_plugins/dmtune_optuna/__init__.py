@@ -1,1 +1,2 @@
-"""dmtune's Optuna sweeper for Hydra: ``hydra/sweeper=optuna`` (needs ``pip install dmtune[optuna]``)."""
+"""dmtune's Optuna sweeper for Hydra: ``hydra/sweeper=optuna`` (needs
+``pip install dmtune[optuna]``)."""

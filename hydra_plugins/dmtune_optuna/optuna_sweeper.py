@@ -41,10 +41,12 @@ class SweepError(CompactHydraException):
 @dataclass
 class OptunaSweeperConf:
     _target_: str = "hydra_plugins.dmtune_optuna.optuna_sweeper.OptunaSweeper"
-    metric: Optional[str] = None  # required: a key of the run summary's "final", e.g. constraint/positive
+    # required: a key of the run summary's "final", e.g. constraint/positive
+    metric: Optional[str] = None
     direction: str = "maximize"  # maximize or minimize
     n_trials: int = 8  # trials in all
-    n_jobs: int = 1  # trials launched together (the launcher runs them; joblib runs them in parallel)
+    # trials launched together (the launcher runs them; joblib runs them in parallel)
+    n_jobs: int = 1
     sampler: str = "tpe"  # tpe, random or grid (grid: categorical and range() spaces only)
     seed: Optional[int] = 0  # the sampler's seed
     study_name: Optional[str] = None
@@ -52,7 +54,9 @@ class OptunaSweeperConf:
     params: Dict[str, str] = field(default_factory=dict)  # key → sweep expression
 
 
-ConfigStore.instance().store(group="hydra/sweeper", name="optuna", node=OptunaSweeperConf, provider="dmtune")
+ConfigStore.instance().store(
+    group="hydra/sweeper", name="optuna", node=OptunaSweeperConf, provider="dmtune"
+)
 
 
 def distribution(override: Override) -> Any:
@@ -68,11 +72,16 @@ def distribution(override: Override) -> Any:
         if all(isinstance(x, int) for x in (start, stop, step)):
             count = len(range(start, stop, step))
             if count == 0 or step < 0:
-                raise ValueError(f"{override.input_line} is empty; use range(start,stop[,step]) with start < stop")
+                raise ValueError(
+                    f"{override.input_line} is empty; "
+                    "use range(start,stop[,step]) with start < stop"
+                )
             return d.IntDistribution(start, start + (count - 1) * step, step=step)
         values = [float(v) for v in override.sweep_string_iterator()]
         if not values:
-            raise ValueError(f"{override.input_line} is empty; use range(start,stop,step) with start < stop")
+            raise ValueError(
+                f"{override.input_line} is empty; use range(start,stop,step) with start < stop"
+            )
         return d.CategoricalDistribution(values)
     if isinstance(value, IntervalSweep):
         log_scale = "log" in value.tags
@@ -80,7 +89,8 @@ def distribution(override: Override) -> Any:
             raise ValueError(f"{override.input_line}: a log interval needs start > 0")
         return d.FloatDistribution(float(value.start), float(value.end), log=log_scale)
     raise ValueError(
-        f"{key}: {override.input_line} cannot be searched by Optuna; use a,b,c / choice(), range() or interval()"
+        f"{key}: {override.input_line} cannot be searched by Optuna; "
+        "use a,b,c / choice(), range() or interval()"
     )
 
 
@@ -97,9 +107,12 @@ class OptunaSweeper(Sweeper):
         self.launcher: Any = None
         self.job_idx = 0
 
-    def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
+    def setup(
+        self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig
+    ) -> None:
         self.config = config
-        self.hydra_context = hydra_context  # Sweeper.validate_batch_is_legal composes with its loader
+        # Sweeper.validate_batch_is_legal composes with its loader
+        self.hydra_context = hydra_context
         self.launcher = Plugins.instance().instantiate_launcher(
             hydra_context=hydra_context, task_function=task_function, config=config
         )
@@ -107,16 +120,28 @@ class OptunaSweeper(Sweeper):
     def check(self) -> None:
         """The sweeper's own settings, before any trial runs."""
         if self.metric in ("???", "", None):
-            raise SweepError("error: hydra/sweeper=optuna needs a metric to optimise, e.g. hydra.sweeper.metric=constraint/positive")
+            raise SweepError(
+                "error: hydra/sweeper=optuna needs a metric to optimise, "
+                "e.g. hydra.sweeper.metric=constraint/positive"
+            )
         if self.direction not in ("maximize", "minimize"):
-            raise SweepError(f"error: hydra.sweeper.direction={self.direction!r}; valid: maximize, minimize")
+            raise SweepError(
+                f"error: hydra.sweeper.direction={self.direction!r}; valid: maximize, minimize"
+            )
         if self.sampler_name not in SAMPLERS:
-            raise SweepError(f"error: hydra.sweeper.sampler={self.sampler_name!r}; valid: {', '.join(SAMPLERS)}")
+            raise SweepError(
+                f"error: hydra.sweeper.sampler={self.sampler_name!r}; "
+                f"valid: {', '.join(SAMPLERS)}"
+            )
         if self.n_trials < 1 or self.n_jobs < 1:
-            raise SweepError(f"error: hydra.sweeper.n_trials={self.n_trials} and n_jobs={self.n_jobs} must be at least 1")
+            raise SweepError(
+                f"error: hydra.sweeper.n_trials={self.n_trials} and n_jobs={self.n_jobs} "
+                "must be at least 1"
+            )
 
     def search_space(self, arguments: List[str]) -> tuple[dict[str, Any], list[str]]:
-        """Distributions by key and the fixed overrides, from hydra.sweeper.params then the command line."""
+        """Distributions by key and the fixed overrides, from hydra.sweeper.params then the
+        command line."""
         parser = OverridesParser.create()
         lines = [f"{k}={v}" for k, v in self.params.items()] + list(arguments)
         space: dict[str, Any] = {}
@@ -130,7 +155,10 @@ class OptunaSweeper(Sweeper):
                 fixed[key] = override.input_line
                 space.pop(key, None)
         if not space:
-            raise ValueError("hydra/sweeper=optuna has nothing to search; sweep a value, e.g. 'train.lr=tag(log,interval(1e-5,1e-3))'")
+            raise ValueError(
+                "hydra/sweeper=optuna has nothing to search; sweep a value, "
+                "e.g. 'train.lr=tag(log,interval(1e-5,1e-3))'"
+            )
         return space, list(fixed.values())
 
     def _sampler(self, space: dict[str, Any]) -> Any:
@@ -146,7 +174,9 @@ class OptunaSweeper(Sweeper):
                 elif isinstance(dist, optuna.distributions.IntDistribution):
                     grid[key] = list(range(dist.low, dist.high + 1, dist.step))
                 else:
-                    raise ValueError(f"{key}: sampler=grid needs choice() or range(), not an interval")
+                    raise ValueError(
+                        f"{key}: sampler=grid needs choice() or range(), not an interval"
+                    )
             return optuna.samplers.GridSampler(grid, seed=self.seed)
         return optuna.samplers.TPESampler(seed=self.seed)
 
@@ -162,13 +192,16 @@ class OptunaSweeper(Sweeper):
             raise SweepError(f"error: {error}") from None
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         study = optuna.create_study(
-            study_name=self.study_name, storage=self.storage, load_if_exists=self.storage is not None,
-            direction=self.direction, sampler=sampler,
+            study_name=self.study_name, storage=self.storage,
+            load_if_exists=self.storage is not None, direction=self.direction, sampler=sampler,
         )
         sweep_dir = Path(self.config.hydra.sweep.dir)
         sweep_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
-        log.info("Optuna: %d trials of %s (%s), space %s", self.n_trials, self.metric, self.direction, space)
+        log.info(
+            "Optuna: %d trials of %s (%s), space %s",
+            self.n_trials, self.metric, self.direction, space,
+        )
         done = 0
         while done < self.n_trials:
             trials = [study.ask(space) for _ in range(min(self.n_jobs, self.n_trials - done))]
@@ -185,19 +218,28 @@ class OptunaSweeper(Sweeper):
             done += len(trials)
         results = self._results(study)
         OmegaConf.save(OmegaConf.create(results), sweep_dir / "optimization_results.yaml")
-        log.info("Optuna best %s = %s with %s", self.metric, results.get("best_value"), results.get("best_params"))
+        log.info(
+            "Optuna best %s = %s with %s",
+            self.metric, results.get("best_value"), results.get("best_params"),
+        )
         return results
 
     def _value(self, ret: Any) -> Optional[float]:
         try:
             summary = ret.return_value  # the task's return: the run summary's final metrics
         except Exception as error:  # the job failed; Hydra re-raises its exception here
-            log.warning("trial failed: %s", str(error).splitlines()[0] if str(error) else type(error).__name__)
+            log.warning(
+                "trial failed: %s",
+                str(error).splitlines()[0] if str(error) else type(error).__name__,
+            )
             return None
         if not isinstance(summary, dict):
             return None
         if self.metric not in summary:
-            raise SweepError(f"error: hydra.sweeper.metric={self.metric!r} is not a run metric; valid: {', '.join(sorted(summary))}")
+            raise SweepError(
+                f"error: hydra.sweeper.metric={self.metric!r} is not a run metric; "
+                f"valid: {', '.join(sorted(summary))}"
+            )
         value = summary[self.metric]
         return None if value is None or not math.isfinite(value) else float(value)
 
@@ -207,7 +249,11 @@ class OptunaSweeper(Sweeper):
         complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
         results: dict[str, Any] = {
             "name": "optuna", "metric": self.metric, "direction": self.direction,
-            "trials": [{"number": t.number, "state": t.state.name, "value": t.value, "params": dict(t.params)} for t in study.trials],
+            "trials": [
+                {"number": t.number, "state": t.state.name, "value": t.value,
+                 "params": dict(t.params)}
+                for t in study.trials
+            ],
         }
         if complete:
             results["best_value"] = study.best_value
