@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -19,13 +20,15 @@ from transformers.utils import logging as hf_logging
 
 from dmtune import metrics as m
 from dmtune.overrides import (
+    CONF_DIR,
     ConfigError,
     claim_run_dir,
-    eval_config,
     group_options,
     resume_overrides,
     run_hydra_main,
     sweep_jobs,
+    task_overrides,
+    user_config_dirs,
 )
 from dmtune.overrides import compose_config as _compose
 
@@ -56,19 +59,17 @@ OVERRIDES = typer.Argument(
 )
 
 
-# shared by the commands that read a run and sample from it (sample, eval)
-RUN_DIR = typer.Argument(
-    ..., help="A run dir written by `dmtune train`.", exists=True, file_okay=False
-)
-TEMPERATURE = typer.Option(1.0, help="Sampling temperature (1 = the policy's own distribution).")
-TOP_P = typer.Option(1.0, help="Nucleus sampling mass (1 = off).")
-TOP_K = typer.Option(0, help="Top-k sampling (0 = off).")
-
-
 def fail(message: str) -> None:
     """Print one line to stderr and exit with the usage error code."""
     typer.echo(f"error: {message}", err=True)
     raise typer.Exit(EXIT_USAGE)
+
+
+def _remove_if_unstarted(run_dir: Path) -> None:
+    """A run that failed before logging anything leaves no dir behind (only Hydra's files)."""
+    contents = list(run_dir.iterdir()) if run_dir.is_dir() else []
+    if all(p.name == ".hydra" or p.suffix == ".log" for p in contents):
+        shutil.rmtree(run_dir, ignore_errors=True)
 
 
 def _first_line(error: BaseException) -> str:
@@ -106,6 +107,8 @@ def _train_task(cfg: DictConfig) -> dict[str, float | None]:
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
         typer.echo(f"error: {_first_line(error)}", err=True)
+        if not cfg.resume:
+            _remove_if_unstarted(run_dir)
         sys.exit(EXIT_USAGE)
     print_summary(summary)
     if summary["stopped_by_signal"] is not None:
@@ -160,7 +163,7 @@ def train(overrides: Optional[List[str]] = OVERRIDES) -> None:
         overrides = resume_overrides(list(overrides or []))
     except ConfigError as error:
         fail(str(error))
-    compose_config([o for o in overrides if not o.startswith("hydra.")])
+    compose_config(task_overrides(overrides))
     try:
         overrides = claim_run_dir(overrides)
     except ConfigError as error:
@@ -277,7 +280,8 @@ def _write_wandb_sweep(
         compose_config(job)
     try:
         config = wandb_sweep_config(
-            overrides, group_options, metric=metric, goal=goal, method=method
+            overrides, lambda group: group_options(group, overrides),
+            metric=metric, goal=goal, method=method,
         )
     except ValueError as error:
         fail(str(error))
@@ -285,123 +289,6 @@ def _write_wandb_sweep(
     typer.echo(
         f"wrote {path}; run it with: wandb sweep {path}  then: wandb agent <the sweep id it prints>"
     )
-
-
-@app.command("eval")
-def evaluate(
-    run_dir: Path = RUN_DIR,
-    n: int = typer.Option(1024, "--n", "-n", help="Fresh samples to draw."),
-    temperature: float = TEMPERATURE,
-    top_p: float = TOP_P,
-    top_k: int = TOP_K,
-    seed: int = typer.Option(1234, help="Seed of the sampler."),
-    wandb_mode: Optional[str] = typer.Option(
-        None,
-        "--wandb",
-        help="W&B mode for the eval run: online, offline, disabled (default: the run's).",
-    ),
-    overrides: Optional[List[str]] = typer.Argument(
-        None,
-        help=(
-            "Overrides of the run's config, e.g. constraint=gender (another target) "
-            "or device=cpu."
-        ),
-        show_default=False,
-    ),
-) -> None:
-    """Evaluate a run's last checkpoint on fresh samples; writes RUN_DIR/eval.json.
-
-    \b
-    Metrics (with standard errors): E_π[φ] per feature, KL(p‖π), KL(π‖a), TV(p,π),
-    entropy, distinct-1/2/3, self-BLEU, and exact values in exact mode (model=toy).
-    With a warped decoding, estimates about π are importance-weighted by π/q;
-    KL(p‖π), TV and log Z use n more samples, of the prior (bounded weights).
-    Logged to W&B as job_type=eval in the run's group.
-    Overrides apply to the run's config: with another constraint set its λ is fitted anew and
-    the report goes to eval-<overrides>.json (eval.json, the run's own, is kept).
-    \b
-    Examples:
-      dmtune eval outputs/2026-11-22/10-00-00_default_dpg_baseline
-      dmtune eval RUN_DIR -n 4096 --top-p 0.9
-      dmtune eval RUN_DIR constraint=gender      # the same policy against another target
-    """
-    from dmtune.evaluate import evaluate_run
-    from dmtune.priors import PriorUnavailableError
-    from dmtune.rundir import RunDir
-
-    overrides = list(overrides or [])
-    try:
-        cfg = eval_config(run_dir, overrides) if overrides else None
-    except ConfigError as error:
-        fail(str(error))
-    try:
-        report = evaluate_run(
-            run_dir,
-            n=n,
-            temperature=temperature,
-            top_k=top_k,
-            top_p=top_p,
-            seed=seed,
-            wandb_mode=wandb_mode,
-            cfg=cfg,
-            overrides=overrides,
-        )
-    except (ValueError, PriorUnavailableError) as error:  # CheckpointError is a ValueError
-        fail(str(error).splitlines()[0])
-    errors = report["standard_errors"]
-    typer.echo(f"step {report['step']}, {report['n']} fresh samples:")
-    for key, value in report["metrics"].items():
-        error = f" ± {errors[key]:.3g}" if key in errors else ""
-        typer.echo(f"  {key:<36} {value:.4g}{error}")
-    typer.echo(f"wrote {RunDir(run_dir).eval_report(overrides)}")
-
-
-@app.command()
-def compare(
-    paths: List[Path] = typer.Argument(
-        ..., help="Run dirs or sweep dirs (searched recursively).", exists=True
-    ),
-    metric: Optional[List[str]] = typer.Option(
-        None,
-        "--metric",
-        "-m",
-        help=(
-            "A metric to show (repeatable); default: constraint rates, KL(p‖π), KL(π‖a), "
-            "distinct-2."
-        ),
-    ),
-    out: Optional[Path] = typer.Option(
-        None, help="Where to write compare.png/.html/.json (default: the first path)."
-    ),
-    by: Optional[List[str]] = typer.Option(
-        None,
-        "--by",
-        help="Group runs by this config key instead of the objective (repeatable), e.g. train.lr.",
-    ),
-    smooth: int = typer.Option(
-        1, min=1, help="Plot moving averages over this many logged points (the table stays raw)."
-    ),
-) -> None:
-    """Compare runs offline: a table of final values (mean ± std over seeds, per objective or --by
-    value) and plots against samples seen, as PNG and a self-contained HTML page.
-
-    \b
-    Examples:
-      dmtune compare outputs/multirun/2026-11-22/10-00-00_default
-      dmtune compare RUN_A RUN_B -m constraint/positive -m divergence/kl_policy_prior
-      dmtune compare outputs/multirun/2026-11-22/10-00-00_default --by objective.name --by train.lr
-    """
-    from dmtune.compare import compare as compare_runs
-
-    target_dir = out or (paths[0] if paths[0].is_dir() else paths[0].parent)
-    try:
-        table, _ = compare_runs(
-            list(paths), list(metric or []), target_dir, by=list(by or []), smooth=smooth
-        )
-    except ValueError as error:
-        fail(str(error).splitlines()[0])
-    typer.echo(table)
-    typer.echo(f"wrote {target_dir / 'compare.png'}, compare.html, compare.json")
 
 
 @app.command("config")
@@ -415,33 +302,96 @@ def show_config(overrides: Optional[List[str]] = OVERRIDES) -> None:
     typer.echo(OmegaConf.to_yaml(compose_config(list(overrides or []))), nl=False)
 
 
-@app.command()
-def sample(
-    run_dir: Path = RUN_DIR,
-    n: int = typer.Option(8, "--n", "-n", help="How many samples."),
-    temperature: float = TEMPERATURE,
-    top_p: float = TOP_P,
-    top_k: int = TOP_K,
-    seed: int = typer.Option(0, help="Seed of the sampler."),
+SEARCHPATH_HELP = "Your own config groups: a folder holding e.g. constraint/mine.yaml."
+
+
+@app.command("ls")
+def list_options(
+    group: Optional[str] = typer.Argument(None, help="A config group, e.g. constraint (all: none)"),
+    config_dir: Optional[List[Path]] = typer.Option(None, "--config-dir", help=SEARCHPATH_HELP),
 ) -> None:
-    """Print samples of a trained policy with their feature scores.
+    """List every option of the config groups, built-in and yours, with its one-line comment.
+
+    \b
+    Examples:
+      dmtune ls constraint
+      dmtune ls --config-dir ./conf      # with your own options (hydra.searchpath=[file://./conf])
+    """
+    overrides = _searchpath(config_dir)
+    dirs = [CONF_DIR, *user_config_dirs(overrides)]
+    groups = [group] if group else _groups(dirs)
+    for name in groups:
+        options = group_options(name, overrides)
+        if not options:
+            fail(f"{name} is not a config group; groups: {', '.join(_groups(dirs))}")
+        typer.echo(f"{name}:")
+        for option in options:
+            # a built-in option wins over a file of the same name in a search-path folder (Hydra)
+            path = next(f for d in dirs if (f := d / name / f"{option}.yaml").is_file())
+            where = "" if path.is_relative_to(CONF_DIR) else f"  [{path.parent.parent}]"
+            typer.echo(f"  {option:<16} {_first_comment(path)}{where}")
+
+
+@app.command("cp")
+def copy_option(
+    option: str = typer.Argument(..., help="GROUP/OPTION, e.g. constraint/sentiment."),
+    dest: Path = typer.Argument(
+        Path("conf"), help="A config dir (the file goes to DEST/GROUP/) or a .yaml path."
+    ),
+) -> None:
+    """Copy a built-in option to edit under a new name; use it with hydra.searchpath=[file://DIR].
+
+    A built-in option shadows a file of the same name, so a copy into a folder is named
+    my_OPTION.yaml (give a .yaml path to choose the name).
 
     \b
     Example:
-      dmtune sample outputs/2026-11-22/10-00-00_default_dpg_baseline -n 16
+      dmtune cp constraint/sentiment conf      # writes conf/constraint/my_sentiment.yaml
+      dmtune train 'hydra.searchpath=[file://conf]' constraint=my_sentiment
     """
-    from dmtune.priors import PriorUnavailableError
-    from dmtune.rundir import sample_run
+    group, _, name = option.partition("/")
+    source = CONF_DIR / group / f"{name}.yaml"
+    if not source.is_file():
+        valid = ", ".join(group_options(group)) or "none"
+        fail(f"{option} is not a built-in option; options of {group}: {valid}")
+    target = dest if dest.suffix == ".yaml" else dest / group / f"my_{source.name}"
+    if target.stem in group_options(group):
+        fail(f"{target.name} would be hidden by the built-in {group}/{target.stem}; rename it")
+    if target.exists():
+        fail(f"{target} exists; remove it or give another DEST")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(source.read_text())
+    typer.echo(f"wrote {target}")
 
+
+def _searchpath(config_dirs: list[Path] | None) -> list[str]:
     try:
-        rows = sample_run(
-            run_dir, n=n, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed
-        )
-    except (ValueError, PriorUnavailableError) as error:  # CheckpointError is a ValueError
-        fail(str(error).splitlines()[0])
-    for row in rows:
-        scores = "  ".join(f"{k}={v:.3g}" for k, v in row.items() if k not in ("text", "log_prob"))
-        typer.echo(f"[{scores}  log π={row['log_prob']:.2f}]  {row['text']}")
+        folders = ",".join(f"file://{d.resolve()}" for d in config_dirs or [])
+        overrides = [f"hydra.searchpath=[{folders}]"] if config_dirs else []
+        user_config_dirs(overrides)
+    except ConfigError as error:
+        fail(str(error))
+    return overrides
+
+
+def _groups(dirs: list[Path]) -> list[str]:
+    return sorted({p.name for d in dirs for p in d.iterdir() if p.is_dir()} - {"hydra"})
+
+
+def _first_comment(path: Path) -> str:
+    """The first comment line of an option's YAML (its one-line description)."""
+    for line in path.read_text().splitlines():
+        if line.startswith("#") and not line.startswith("# @package"):
+            return line.lstrip("# ").strip()
+    return ""
+
+
+# the commands that read run dirs live beside this module; imported last (they use fail())
+from dmtune import cli_runs  # noqa: E402
+
+app.command("eval")(cli_runs.evaluate)
+app.command()(cli_runs.sample)
+app.command()(cli_runs.compare)
 
 
 def main() -> None:  # pragma: no cover - console-script entry

@@ -23,6 +23,12 @@ import torch
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from dmtune.sampling import Samples
+from dmtune.scorers import (
+    SCORER_KINDS,
+    classifier_feature,
+    python_feature,
+    reward_model_feature,
+)
 
 # VADER's compound score above this counts as clearly positive (VADER's authors use 0.05 for
 # "positive at all"; 0.5 keeps about 5% of the tiny prior's samples).
@@ -316,8 +322,9 @@ def _token_count(name: str, tokenizer: PreTrainedTokenizerBase, *, token: str) -
 
 # kinds whose values are 0 or 1 (a rate: a distributional moment lies strictly inside (0, 1))
 BINARY_KINDS = ("sentiment", "word", "wordlist", "female", "male", "token")
-# kinds whose constructor looks words up in the prior's tokenizer (checked when it is loaded)
-NEEDS_TOKENIZER = ("token", "token_count")
+# kinds built only with the prior (they read its tokenizer) or that load a model or user code:
+# their parameter names are checked with the config, their values when the run builds them
+BUILT_WITH_THE_RUN = ("token", "token_count", *SCORER_KINDS)
 FEATURE_KINDS: dict[str, Callable[..., Feature]] = {
     "sentiment": _sentiment,
     "sentiment_score": _sentiment_score,
@@ -327,6 +334,9 @@ FEATURE_KINDS: dict[str, Callable[..., Feature]] = {
     "male": _male,
     "token": _token,
     "token_count": _token_count,
+    "classifier": classifier_feature,
+    "reward_model": reward_model_feature,
+    "python": python_feature,
 }
 
 
@@ -350,7 +360,10 @@ def check_feature_params(name: str, kind: str, params: Mapping[str, Any]) -> Non
         )
     required, optional = feature_params(kind)
     valid = ", ".join((*required, *(f"{p} (optional)" for p in optional))) or "none"
-    unknown = sorted(set(params) - set(required) - set(optional))
+    takes_any = any(  # a python scorer passes its other params to the function
+        p.kind is p.VAR_KEYWORD for p in inspect.signature(FEATURE_KINDS[kind]).parameters.values()
+    )
+    unknown = [] if takes_any else sorted(set(params) - set(required) - set(optional))
     missing = [p for p in required if p not in params]
     if unknown or missing:
         problems = [f"unknown {', '.join(map(repr, unknown))}"] if unknown else []
@@ -359,7 +372,7 @@ def check_feature_params(name: str, kind: str, params: Mapping[str, Any]) -> Non
             f"feature {name!r} of kind {kind!r}: {'; '.join(problems)} parameter(s); "
             f"valid parameters: {valid}"
         )
-    if kind not in NEEDS_TOKENIZER:  # values too: building these kinds reads no tokenizer
+    if kind not in BUILT_WITH_THE_RUN:  # values too: these kinds are cheap to build
         FEATURE_KINDS[kind](name, None, **params)
 
 

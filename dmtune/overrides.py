@@ -27,10 +27,35 @@ CONFIG_NAME = "config"
 # what `dmtune eval` cannot change: it measures the run's own policy
 FIXED_AT_EVAL = ("model", "objective", "seed")
 _MAX_NAME_ATTEMPTS = 1000
+SEARCHPATH = "hydra.searchpath="  # hydra.searchpath=[file://DIR]: the user's own config groups
 
 
 class ConfigError(ValueError):
     """A config that cannot be composed or is invalid; the message is one line."""
+
+
+def user_config_dirs(overrides: list[str]) -> list[Path]:
+    """The folders of ``hydra.searchpath=[file://DIR,...]``: the user's own config groups."""
+    dirs = []
+    for line in overrides:
+        if line.startswith(SEARCHPATH):
+            for entry in line[len(SEARCHPATH) :].strip("[]").split(","):
+                entry = entry.strip().strip("'\"")
+                if not entry.startswith("file://"):
+                    raise ConfigError(f"hydra.searchpath: {entry!r}; give folders as file://DIR")
+                path = Path(entry.removeprefix("file://")).expanduser()
+                if not path.is_dir():
+                    raise ConfigError(f"hydra.searchpath: {path} is not a folder")
+                dirs.append(path)
+    return dirs
+
+
+def task_overrides(overrides: list[str]) -> list[str]:
+    """What composes the job's config: everything but Hydra's own settings, the search path
+    (the user's config groups) kept."""
+    return [
+        o for o in overrides if not o.lstrip("+~").startswith("hydra") or o.startswith(SEARCHPATH)
+    ]
 
 
 def compose_config(overrides: list[str]) -> DictConfig:
@@ -56,7 +81,7 @@ def _check_group_options(overrides: list[str]) -> None:
         key, _, value = line.lstrip("+~").partition("=")
         if not value or not (CONF_DIR / key).is_dir() or "(" in value:  # sweeps are checked per job
             continue
-        options = group_options(key)
+        options = group_options(key, overrides)
         for option in value.strip("[]").split(","):
             option = option.strip()
             if option and option != "null" and option not in options:
@@ -66,9 +91,10 @@ def _check_group_options(overrides: list[str]) -> None:
                 )
 
 
-def group_options(group: str) -> list[str]:
-    """The options of a config group (its YAML file stems)."""
-    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+def group_options(group: str, overrides: list[str] | tuple[str, ...] = ()) -> list[str]:
+    """The options of a config group (its YAML file stems), built-in and the user's."""
+    dirs = [CONF_DIR, *user_config_dirs(list(overrides))]
+    return sorted({p.stem for d in dirs for p in (d / group).glob("*.yaml")})
 
 
 def explain_compose_error(error: Exception, overrides: list[str]) -> str:
@@ -77,7 +103,7 @@ def explain_compose_error(error: Exception, overrides: list[str]) -> str:
     missing = re.search(r"Could not find '([^']+)/([^']+)'", text)
     if missing:
         group, option = missing.groups()
-        options = group_options(group)
+        options = group_options(group, overrides)
         return (
             f"{group}={option} is not an option of {group}; "
             f"valid: {', '.join(options)}{_did_you_mean(option, options)}"
@@ -168,7 +194,7 @@ def eval_config(run_dir: Path, overrides: list[str]) -> DictConfig:
         saved = RunDir(run_dir).saved_overrides()
     except RunDirError as error:
         raise ConfigError(str(error)) from None
-    return compose_config([*[o for o in saved if not o.startswith("hydra.")], *overrides])
+    return compose_config([*task_overrides(saved), *overrides])
 
 
 # --- sweeps ---
@@ -184,8 +210,7 @@ def sweep_jobs(overrides: list[str], searching: bool = False) -> list[list[str]]
     try:
         parsed = [
             o
-            for o in OverridesParser.create().parse_overrides(overrides)
-            if not o.is_hydra_override()
+            for o in OverridesParser.create().parse_overrides(task_overrides(overrides))
         ]
     except OverrideParseException as error:
         raise ConfigError(str(error).strip().splitlines()[0]) from None
@@ -199,11 +224,11 @@ def sweep_jobs(overrides: list[str], searching: bool = False) -> list[list[str]]
                     f"{override.input_line} is a search interval: add hydra/sweeper=optuna, "
                     "or list values (a,b,c) or range()"
                 )
-            values = _sweep_values(override, key)
+            values = _sweep_values(override, key, overrides)
             if not values:
                 raise ConfigError(
                     f"{override.input_line} selects nothing; "
-                    f"options of {key}: {', '.join(group_options(key))}"
+                    f"options of {key}: {', '.join(group_options(key, overrides))}"
                 )
             swept.append((len(base), key, values))
             base.append(f"{key}={values[0]}")
@@ -215,10 +240,10 @@ def sweep_jobs(overrides: list[str], searching: bool = False) -> list[list[str]]
     return jobs
 
 
-def _sweep_values(override: Override, key: str) -> list[str]:
+def _sweep_values(override: Override, key: str, overrides: list[str]) -> list[str]:
     value = override.value()
     if isinstance(value, Glob):
-        return value.filter(group_options(key))
+        return value.filter(group_options(key, overrides))
     if isinstance(value, IntervalSweep):  # hydra/sweeper=optuna searches it; check both ends
         return [repr(float(value.start)), repr(float(value.end))]
     return list(override.sweep_string_iterator())
@@ -237,7 +262,7 @@ def claim_run_dir(overrides: list[str], multirun: bool = False) -> list[str]:
     key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
     if any(o.startswith(f"{key}=") for o in overrides):
         return overrides
-    task = [o for o in overrides if not o.lstrip("+~").startswith("hydra")]
+    task = task_overrides(overrides)
     if multirun:  # the sweep dir does not depend on the swept values: compose the first job
         task = sweep_jobs(task)[0]
     register_configs()

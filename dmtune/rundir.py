@@ -122,7 +122,11 @@ class RunDir:
             raise RunDirError(
                 f"{self.path} is not a dmtune run dir (no .hydra/overrides.yaml there)"
             )
-        saved = OmegaConf.load(self.overrides_file)
+        saved = list(OmegaConf.load(self.overrides_file))
+        hydra_file = self.overrides_file.with_name("hydra.yaml")
+        if hydra_file.is_file():  # the user's config dirs, saved among Hydra's own overrides
+            hydra = OmegaConf.load(hydra_file).hydra.overrides.hydra
+            saved = [o for o in hydra if o.startswith("hydra.searchpath=")] + saved
         return [o for o in saved if not o.startswith(("resume=", "hydra.run.dir="))]
 
     def read_calibration(self) -> dict[str, Any]:

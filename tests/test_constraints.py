@@ -27,6 +27,7 @@ from dmtune.constraints import (
 )
 from dmtune.priors import EOS_TOKEN, TINY_PRIOR_DIR, make_toy_tokenizer
 from dmtune.sampling import Samples
+from dmtune.scorers import SCORER_KINDS
 
 POSITIVE = "What a wonderful, amazing day: I love it!"
 NEGATIVE = "This is a terrible, awful mess and I hate it."
@@ -153,7 +154,8 @@ def test_gender_features_find_female_and_male_mentions():
 # --- every feature: shape, dtype, device ---
 
 
-@pytest.mark.parametrize("kind", sorted(FEATURE_KINDS))
+# the scorer kinds load a model or import user code; tests/test_scorers.py covers them
+@pytest.mark.parametrize("kind", sorted(set(FEATURE_KINDS) - set(SCORER_KINDS)))
 def test_every_kind_returns_one_float_per_sample_on_the_tokens_device(kind):
     tokenizer = word_level_tokenizer()
     params = {"word": {"word": "mother"}, "wordlist": {"topic": "science"},

@@ -175,9 +175,11 @@ def _kill_and_resume(run_dir: Path, args: list[str], rng: random.Random, kills: 
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     landed = 0
     for attempt in range(kills + 1):
+        # a kill before the run wrote its config (while Python loads) leaves nothing to resume:
+        # start it again, as a user would
+        started = (run_dir / ".hydra" / "overrides.yaml").exists()
         command = [
-            sys.executable, "-m", "dmtune", "train",
-            *(args if attempt == 0 else [f"resume={run_dir}"]),
+            sys.executable, "-m", "dmtune", "train", *([f"resume={run_dir}"] if started else args)
         ]
         process = subprocess.Popen(
             command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
