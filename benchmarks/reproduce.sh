@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Regenerates the runs behind docs/reproduction.md: seven sweeps on the tiny prior (45 runs), a
+# Regenerates the runs behind docs/reproduction.md: eight sweeps on the tiny prior (54 runs), a
 # fresh-sample `dmtune eval` of every run, and a `dmtune compare` table + plot per sweep, copied
 # to docs/reproduction/.
 #   bash benchmarks/reproduce.sh                      # ~1h45 on 2 CPU cores
@@ -43,6 +43,9 @@ METRIC=constraint/positive sweep sentiment experiment=sentiment
 METRIC=constraint/female sweep gender experiment=gender
 # ... RM objectives can only be given the feature as a reward to maximise.
 METRIC=constraint/female sweep gender_reward experiment=gender constraint=female_reward objective=reinforce,kl_control
+# Conditional (CDPG): 36 prompts, each continuation positive; per-prompt log Ẑ_c and baselines,
+# evaluated on 9 held-out prompts.
+METRIC=constraint/positive sweep conditional experiment=conditional
 # KL-control with β = 1/λ (λ: the DM target's, fitted by calibration) has the DM target as its
 # optimum: p_β ∝ a·exp(φ/β) = a·exp(λφ) (2206.00761).
 LAMBDA=$(python -c "import glob, json; print(json.load(open(sorted(glob.glob('$OUT/gender/*/calibration.json'))[0]))['lambdas'][0])")

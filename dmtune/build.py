@@ -21,6 +21,7 @@ from dmtune.constraints import build_feature
 from dmtune.lm import LM
 from dmtune.loggers import JsonlSink, RunLogger, Sink, WandbOptions, WandbSink
 from dmtune.priors import TOY, load_prior
+from dmtune.prompts import prompt_set
 from dmtune.rundir import RunDir
 from dmtune.target import Target
 from dmtune.trainer import Trainer, TrainerConfig
@@ -49,21 +50,23 @@ def is_exact(cfg: DictConfig) -> bool:
     return cfg.model.name_or_path == TOY
 
 
-def build_lm(cfg: DictConfig) -> LM:
-    """The prior ``a`` on the configured device, with its tokenizer and the run's prompt."""
+def build_lm(cfg: DictConfig, evaluation: bool = False) -> LM:
+    """The prior ``a`` on the configured device, with its tokenizer and the run's prompt or
+    prompts (with ``evaluation``, the held-out prompts when the config names some)."""
     toy = OmegaConf.to_container(cfg.model.toy, resolve=True)
     device = resolve_device(cfg)
     prior, tokenizer = load_prior(
         cfg.model.name_or_path, dtype=cfg.device.dtype, device=device, toy=toy
     )
-    lm = LM(prior, tokenizer, cfg.train.prompt)
+    lm = LM(prior, tokenizer, cfg.train.prompt, prompt_set(cfg.train, evaluation))
     context = getattr(prior.config, "n_positions", None) or getattr(
         prior.config, "max_position_embeddings", None
     )
-    needed = lm.encode_prompts(1)[0].shape[1] + cfg.train.max_new_tokens
+    needed = lm.prompt_length() + cfg.train.max_new_tokens
     if isinstance(context, int) and needed > context:
+        longest = "the longest prompt" if lm.prompts is not None else "the prompt"
         raise ValueError(
-            f"train.max_new_tokens={cfg.train.max_new_tokens} after the prompt "
+            f"train.max_new_tokens={cfg.train.max_new_tokens} after {longest} "
             f"({needed - cfg.train.max_new_tokens} tokens with BOS) needs {needed} positions; "
             f"model {cfg.model.name_or_path} has {context}"
         )

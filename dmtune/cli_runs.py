@@ -115,8 +115,10 @@ def sample(
     except (ValueError, PriorUnavailableError) as error:  # CheckpointError is a ValueError
         fail(str(error).splitlines()[0])
     for row in rows:
-        scores = "  ".join(f"{k}={v:.3g}" for k, v in row.items() if k not in ("text", "log_prob"))
-        typer.echo(f"[{scores}  log π={row['log_prob']:.2f}]  {row['text']}")
+        shown = ("prompt", "text", "log_prob")
+        scores = "  ".join(f"{k}={v:.3g}" for k, v in row.items() if k not in shown)
+        prompt = f"{row['prompt']} ‖" if "prompt" in row else ""
+        typer.echo(f"[{scores}  log π={row['log_prob']:.2f}]  {prompt}{row['text']}")
 
 
 def compare(

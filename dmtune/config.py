@@ -55,7 +55,15 @@ class TrainConfig:
     steps: int = 100  # optimizer steps (~5 min at the defaults on 2 free CPU cores)
     batch_size: int = 256  # samples per step
     max_new_tokens: int = 32  # tokens per sample (EOS included)
-    prompt: str = ""  # every sample continues BOS + prompt
+    prompt: str = ""  # every sample continues BOS + prompt (when train.prompts is not set)
+    # conditional targets (CDPG): a .txt (one prompt per line), a .jsonl (prompt_field), or a
+    # datasets dataset (hub name, save_to_disk dir, .json/.csv/.parquet; column prompt_field)
+    prompts: Optional[str] = None
+    prompt_field: str = "prompt"  # the JSONL key or dataset column holding the prompt
+    prompt_split: str = "train"  # the dataset split to train on
+    samples_per_prompt: int = 8  # each step draws batch_size / samples_per_prompt prompts
+    eval_prompts: Optional[str] = None  # held-out prompts for dmtune eval (default: train.prompts)
+    eval_split: Optional[str] = None  # ... or another split of the same dataset
     lr: float = 3e-4  # tuned on the 2.6M tiny prior (1e-3 diverges); ~1e-5 suits 100M+ priors
     weight_decay: float = 0.0
     warmup_steps: int = 0
@@ -121,7 +129,7 @@ def objective_name_and_params(cfg: DictConfig) -> tuple[str, dict[str, Any]]:
 # train keys and the smallest valid value (every other numeric key of train is checked below)
 AT_LEAST_ONE = (
     "steps", "batch_size", "max_new_tokens", "fit_samples", "log_every", "eval_every",
-    "checkpoint_every", "max_bad_steps",
+    "checkpoint_every", "max_bad_steps", "samples_per_prompt",
 )
 AT_LEAST_ZERO = ("lr", "weight_decay", "warmup_steps", "grad_clip", "logged_samples")
 
@@ -197,6 +205,11 @@ def _check_train(cfg: DictConfig) -> None:
         raise ValueError(
             f"train.betas={betas}: AdamW needs two decay rates in [0, 1), e.g. [0.9,0.999]"
         )
+    if train.prompts is not None:
+        from dmtune.prompts import check_prompt_batch, check_prompt_files
+
+        check_prompt_batch(train.batch_size, train.samples_per_prompt)
+        check_prompt_files(train)
     context = context_length(cfg.model.name_or_path, OmegaConf.to_container(cfg.model.toy))
     if context is not None and train.max_new_tokens + 1 > context:  # + BOS
         raise ValueError(

@@ -19,6 +19,27 @@ def log_mean_exp(x: torch.Tensor) -> torch.Tensor:
     return torch.logsumexp(x, 0) - math.log(x.numel())
 
 
+def group_log_mean_exp(x: torch.Tensor, index: torch.Tensor, n_groups: int) -> torch.Tensor:
+    """``log mean exp(x)`` within each group: (n_groups,); −inf for a group whose x are all
+    −inf. ``index`` (batch,) gives each element's group."""
+    shift = torch.full((n_groups,), float("-inf"), dtype=x.dtype, device=x.device)
+    shift = shift.scatter_reduce(0, index, x, reduce="amax")
+    finite_shift = torch.where(torch.isfinite(shift), shift, 0.0)
+    sums = torch.zeros(n_groups, dtype=x.dtype, device=x.device).index_add_(
+        0, index, (x - finite_shift[index]).exp()
+    )
+    counts = torch.zeros(n_groups, dtype=x.dtype, device=x.device).index_add_(
+        0, index, torch.ones_like(x)
+    )
+    return sums.log() + finite_shift - counts.log()
+
+
+def group_sum(x: torch.Tensor, index: torch.Tensor, n_groups: int) -> torch.Tensor:
+    """The sum of ``x`` (batch,) over each element's group, broadcast back to (batch,)."""
+    sums = torch.zeros(n_groups, dtype=x.dtype, device=x.device).index_add_(0, index, x)
+    return sums[index]
+
+
 def log_z(log_target: torch.Tensor, log_proposal: torch.Tensor) -> torch.Tensor:
     """``log Ẑ = log mean_q[P/q]`` on one batch."""
     return log_mean_exp(log_target - log_proposal)

@@ -21,7 +21,8 @@ from omegaconf import DictConfig
 from dmtune import estimators as est
 from dmtune import metrics as m
 from dmtune.build import LogIdentity, build_logger, is_exact
-from dmtune.exact import ExactOracle, ExactSpace
+from dmtune.exact import ExactOracle, exact_spaces
+from dmtune.prompts import Contexts, join_contexts
 from dmtune.rundir import LoadedRun, RunDir, eval_name, load_run
 from dmtune.sampling import Decoding
 
@@ -29,16 +30,21 @@ from dmtune.sampling import Decoding
 @torch.no_grad()
 def _draw(
     run: LoadedRun, model: torch.nn.Module, n: int, decoding: Decoding, seed: int
-) -> tuple[list[str], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """``n`` samples of ``model`` in batches of the run's batch size: texts, features, log-probs."""
+) -> tuple[list[str], dict[str, torch.Tensor], dict[str, torch.Tensor], Contexts | None]:
+    """``n`` samples of ``model`` in batches of the run's batch size: texts, features,
+    log-probs, and with prompts which prompt each continues (``samples_per_prompt`` each)."""
     lm, target = run.lm, run.target
     generator = torch.Generator(lm.device).manual_seed(seed)
+    prompt_generator = torch.Generator().manual_seed(seed)
     texts, parts = [], {"log_q": [], "log_pi": [], "log_prior": [], "log_target": []}
     by_name: dict[str, list[torch.Tensor]] = {}
+    contexts = []
     for start in range(0, n, run.cfg.train.batch_size):
-        batch = lm.sample(
-            min(run.cfg.train.batch_size, n - start), decoding, generator, model=model
-        )
+        size = min(run.cfg.train.batch_size, n - start)
+        context = lm.draw_contexts(size, prompt_generator)
+        batch = lm.sample(size, decoding, generator, model=model, contexts=context)
+        if context is not None:
+            contexts.append(context.to("cpu"))
         log_prior = lm.log_probs(batch).double()
         log_pi = lm.log_probs(batch, model=run.policy).double()
         scores = target.score(batch)
@@ -50,7 +56,33 @@ def _draw(
             by_name.setdefault(name, []).append(values.double())
         texts += batch.texts
     logs = {k: torch.cat(v) for k, v in parts.items()}
-    return texts, {k: torch.cat(v) for k, v in by_name.items()}, logs
+    joined = join_contexts(contexts) if contexts else None
+    return texts, {k: torch.cat(v) for k, v in by_name.items()}, logs, joined
+
+
+def _target_terms(
+    terms_fn: Any,
+    log_target: torch.Tensor,
+    log_q: torch.Tensor,
+    log_pi: torch.Tensor,
+    contexts: Contexts | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample terms of a target-side estimate and ``log Ẑ``, each context with its own
+    ``log Ẑ_c`` (returned per context; −inf where no sample meets the constraints)."""
+    if contexts is None:
+        return est.terms_with_log_z_error(terms_fn, log_target, log_q, log_pi)
+    terms = torch.zeros_like(log_target)
+    log_zs = []
+    for group in range(contexts.n_groups):
+        rows = contexts.index == group
+        if torch.isneginf(log_target[rows]).all():  # Z_c = 0 as far as the samples show
+            log_zs.append(torch.tensor(float("-inf"), dtype=log_target.dtype))
+            continue
+        terms[rows], log_z = est.terms_with_log_z_error(
+            terms_fn, log_target[rows], log_q[rows], log_pi[rows]
+        )
+        log_zs.append(log_z)
+    return terms, torch.stack(log_zs)
 
 
 def evaluate_run(
@@ -75,18 +107,29 @@ def evaluate_run(
     overrides = list(overrides or [])
     run = load_run(run_dir.path, cfg)
     max_new_tokens = run.cfg.train.max_new_tokens
+    if run.lm.prompts is not None:  # whole prompts: samples_per_prompt samples each
+        per_prompt = run.lm.prompts.samples_per_prompt
+        n = -(-n // per_prompt) * per_prompt
     decoding = Decoding(max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p)
-    texts, features, logs = _draw(run, run.policy, n, decoding, seed)
+    texts, features, logs, _ = _draw(run, run.policy, n, decoding, seed)
     # the policy, not the sampler, is what is evaluated: weight by ρ = π/q (= 1 when ancestral)
     log_pi, log_q, log_prior = logs["log_pi"], logs["log_q"], logs["log_prior"]
     rho = (log_pi - log_q).exp()
     # target-side quantities on samples of the prior, whose weights P/(Z a) = b·exp(λ·φ)/Z are
     # bounded; on the policy's samples they are heavy-tailed wherever π under-covers p
-    _, _, prior_logs = _draw(run, run.lm.model, n, Decoding(max_new_tokens), seed + 1)
+    _, _, prior_logs, contexts = _draw(run, run.lm.model, n, Decoding(max_new_tokens), seed + 1)
     a_target, a_q, a_pi = prior_logs["log_target"], prior_logs["log_q"], prior_logs["log_pi"]
-    # standard errors include log Ẑ's own (it is estimated on the same samples)
-    kl_terms, log_z = est.terms_with_log_z_error(est.kl_target_model_terms, a_target, a_q, a_pi)
-    tv_terms, _ = est.terms_with_log_z_error(est.tv_target_model_terms, a_target, a_q, a_pi)
+    # standard errors include log Ẑ's own (it is estimated on the same samples; with prompts,
+    # log Ẑ_c on each prompt's own)
+    target_args = (a_target, a_q, a_pi, contexts)
+    kl_terms, log_z = _target_terms(est.kl_target_model_terms, *target_args)
+    tv_terms, _ = _target_terms(est.tv_target_model_terms, *target_args)
+    if contexts is None:
+        log_z_metrics = {m.LOG_Z: log_z.item()}
+        a_log_z = log_z
+    else:
+        log_z_metrics = {k: v.item() for k, v in m.context_estimates(log_z).items()}
+        a_log_z = torch.where(torch.isneginf(log_z), 0.0, log_z)[contexts.index]
     terms = {
         m.KL_TARGET_POLICY: kl_terms,
         m.KL_POLICY_PRIOR: est.kl_model_prior_terms(log_pi, log_prior, log_q),
@@ -98,16 +141,19 @@ def evaluate_run(
     errors = {key: est.standard_error(t).item() for key, t in terms.items()}
     metrics.update(
         {
-            m.LOG_Z: log_z.item(),
-            m.ESS: est.effective_sample_size(a_target - a_q).item(),
+            **log_z_metrics,
+            m.ESS: est.effective_sample_size(a_target - a_q - a_log_z).item(),
             **m.diversity(texts),
             m.SELF_BLEU: est.self_bleu(texts),
         }
     )
     if is_exact(run.cfg):
-        space = ExactSpace(run.lm.model, run.lm.tokenizer, max_new_tokens, run.cfg.train.prompt)
+        prompts = run.lm.prompts.prompts if run.lm.prompts else (run.cfg.train.prompt,)
+        spaces = exact_spaces(
+            run.lm.model, run.lm.tokenizer, max_new_tokens, prompts, run.lm.prompts is not None
+        )
         metrics.update(
-            ExactOracle(space, run.lm.model).metrics(run.target, run.policy, run.proposal)
+            ExactOracle(spaces, run.lm.model).metrics(run.target, run.policy, run.proposal)
         )
     report = {
         "step": run.step,

@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerFast
@@ -21,6 +21,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerFast
 from dmtune import metrics as m
 from dmtune.lm import encode_prompts, filler_token_id, sequence_log_probs
 from dmtune.objectives import Batch
+from dmtune.prompts import Contexts
 from dmtune.sampling import Samples, decode_texts
 from dmtune.target import Target
 
@@ -75,6 +76,7 @@ class ExactSpace:
             vocab_size, tokenizer.eos_token_id, max_new_tokens, filler
         )
         prompt_ids, prompt_mask = encode_prompts(tokenizer, [prompt], filler, device)
+        self.prompt, self.device = prompt, device
         n = tokens.shape[0]
         self.samples = Samples(
             prompt_ids=prompt_ids.expand(n, -1),
@@ -157,37 +159,75 @@ def target_truth(space: ExactSpace, target: Target, log_prior: torch.Tensor) -> 
     return ExactTruth.from_log_target(target.log_prob(log_prior, target.score(space.samples)))
 
 
-class ExactOracle:
-    """Exact metrics of any policy against a target on one enumerated space.
+MAX_EXACT_PROMPTS = 16
 
-    The prior's log-probs are computed once; the normalised target is recomputed only when
-    the target's λ changes (after calibration, or another constraint set at eval).
+
+def exact_spaces(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerFast,
+    max_new_tokens: int,
+    prompts: Sequence[str],
+    as_contexts: bool = True,
+) -> list[ExactSpace]:
+    """One enumerated space per prompt (contexts c of a conditional target); with
+    ``as_contexts`` its samples say their prompt, as training's do (scorers may read it)."""
+    if len(prompts) > MAX_EXACT_PROMPTS:
+        raise ValueError(
+            f"exact mode enumerates every prompt's continuations: {len(prompts)} prompts, the "
+            f"limit is {MAX_EXACT_PROMPTS}; use fewer prompts with model=toy"
+        )
+    spaces = [ExactSpace(model, tokenizer, max_new_tokens, prompt) for prompt in prompts]
+    if as_contexts:
+        for space in spaces:
+            n = len(space)
+            space.samples.contexts = Contexts(
+                (space.prompt,) * n, torch.zeros(n, dtype=torch.long, device=space.device), 1
+            )
+    return spaces
+
+
+class ExactOracle:
+    """Exact metrics of any policy against a target on enumerated spaces, one per prompt.
+
+    With several prompts (contexts c) every metric is the mean over contexts of its exact
+    per-context value (``E_c KL(p_c‖π_c)``, ``E_c log Z_c``, ...), prompts weighted equally as
+    training draws them. The prior's log-probs are computed once; the normalised targets are
+    recomputed only when the target's λ changes (after calibration, or at eval).
     """
 
-    def __init__(self, space: ExactSpace, prior: PreTrainedModel) -> None:
-        self.space = space
+    def __init__(self, spaces: Sequence[ExactSpace], prior: PreTrainedModel) -> None:
+        self.spaces = list(spaces)
         self.prior = prior
-        self._truth: tuple[tuple[int, tuple[float, ...]], ExactTruth] | None = None
+        self._log_priors = [space.log_probs(prior) for space in self.spaces]
+        self._truth: tuple[tuple[int, tuple[float, ...]], list[ExactTruth]] | None = None
 
     @torch.no_grad()
     def metrics(
         self, target: Target, policy: PreTrainedModel, proposal: PreTrainedModel | None = None
     ) -> dict[str, float]:
-        log_prior = self.space.log_probs(self.prior)
         key = (id(target), tuple(target.lambdas.tolist()))
         if self._truth is None or self._truth[0] != key:
-            self._truth = (key, target_truth(self.space, target, log_prior))
-        scores = target.score(self.space.samples)
-        names = list(scores.by_name)
-        features = (
-            torch.stack([scores.by_name[n] for n in names], -1)
-            if names
-            else torch.zeros(len(self.space), 0)
-        )
-        log_proposal = self.space.log_probs(proposal) if proposal is not None else None
-        return exact_metrics(
-            self.space.log_probs(policy), log_prior, self._truth[1], features, names, log_proposal
-        )
+            truths = [
+                target_truth(space, target, log_prior)
+                for space, log_prior in zip(self.spaces, self._log_priors)
+            ]
+            self._truth = (key, truths)
+        per_context = []
+        for space, log_prior, truth in zip(self.spaces, self._log_priors, self._truth[1]):
+            scores = target.score(space.samples)
+            names = list(scores.by_name)
+            features = (
+                torch.stack([scores.by_name[n] for n in names], -1)
+                if names
+                else torch.zeros(len(space), 0)
+            )
+            log_proposal = space.log_probs(proposal) if proposal is not None else None
+            per_context.append(
+                exact_metrics(
+                    space.log_probs(policy), log_prior, truth, features, names, log_proposal
+                )
+            )
+        return {key: sum(d[key] for d in per_context) / len(per_context) for key in per_context[0]}
 
 
 def policy_scores(model: PreTrainedModel, space: ExactSpace) -> torch.Tensor:

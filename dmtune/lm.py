@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from transformers import PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
+from dmtune.prompts import Contexts, PromptSet
 from dmtune.sampling import Decoding, Samples, at_least_float32, position_ids_from_mask, sample
 
 HALF_DTYPES = (torch.bfloat16, torch.float16)
@@ -129,7 +130,8 @@ class LM:
 
     model: PreTrainedModel
     tokenizer: PreTrainedTokenizerBase
-    prompt: str = ""  # every sample continues BOS + prompt
+    prompt: str = ""  # every sample continues BOS + prompt, unless contexts are given
+    prompts: PromptSet | None = None  # the run's prompts (conditional targets), if any
     compute_dtype: torch.dtype = field(init=False)
     filler_id: int = field(init=False)
     _prompts: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(
@@ -158,6 +160,18 @@ class LM:
             )
         return self._prompts[n]
 
+    def draw_contexts(self, n: int, generator: torch.Generator) -> Contexts | None:
+        """The prompts of a batch of ``n`` samples (None when the run has one prompt)."""
+        return None if self.prompts is None else self.prompts.draw(n, generator)
+
+    def prompt_length(self) -> int:
+        """Tokens (BOS included) of the longest prompt."""
+        if self.prompts is None:
+            return self.encode_prompts(1)[0].shape[1]
+        bos = 1
+        encoded = self.tokenizer(list(self.prompts.prompts), add_special_tokens=False)
+        return bos + max(len(ids) for ids in encoded["input_ids"])
+
     @torch.no_grad()
     def sample(
         self,
@@ -166,11 +180,20 @@ class LM:
         generator: torch.Generator | None = None,
         *,
         model: PreTrainedModel | None = None,
+        contexts: Contexts | None = None,
     ) -> Samples:
-        """``n`` continuations of the prompt drawn from ``model`` (default: this LM's)."""
-        prompt_ids, prompt_mask = self.encode_prompts(n)
+        """``n`` continuations drawn from ``model`` (default: this LM's), of the prompt or, with
+        ``contexts``, of each row's prompt."""
+        if contexts is None:
+            prompt_ids, prompt_mask = self.encode_prompts(n)
+        else:
+            if len(contexts) != n:
+                raise ValueError(f"{len(contexts)} contexts for {n} samples")
+            prompt_ids, prompt_mask = encode_prompts(
+                self.tokenizer, list(contexts.prompts), self.filler_id, self.device
+            )
         with self.autocast():
-            return sample(
+            samples = sample(
                 model or self.model,
                 self.tokenizer,
                 prompt_ids,
@@ -179,6 +202,9 @@ class LM:
                 self.filler_id,
                 generator,
             )
+        if contexts is not None:
+            samples.contexts = contexts.to(samples.tokens.device)
+        return samples
 
     def log_probs(self, samples: Samples, *, model: PreTrainedModel | None = None) -> torch.Tensor:
         """``log model(x | prompt)`` of each sample, (batch,), at least float32; grad if enabled."""

@@ -18,6 +18,7 @@ from dmtune import estimators as est
 
 if TYPE_CHECKING:
     from dmtune.objectives import Batch
+    from dmtune.prompts import Contexts
 
 STEP = "step"
 SAMPLES_SEEN = "samples_seen"
@@ -27,6 +28,7 @@ LR = "train/lr"
 SKIPPED_STEPS = "train/skipped_steps"
 LOG_Z = "target/log_z"
 ESS = "target/ess"
+UNREACHED_CONTEXTS = "target/unreached_contexts"
 KL_TARGET_POLICY = "divergence/kl_target_policy"
 KL_TARGET_PROPOSAL = "divergence/kl_target_proposal"
 KL_POLICY_PRIOR = "divergence/kl_policy_prior"
@@ -91,11 +93,18 @@ GLOSSARY: tuple[tuple[tuple[str, ...], str], ...] = (
     (
         (LOG_Z,),
         "running `log Ẑ`: log-mean-exp of `log P − log q` over every sample so far, the "
-        "calibration's `train.fit_samples` prior samples included",
+        "calibration's `train.fit_samples` prior samples included; with `train.prompts`, the mean "
+        "over the step's prompts of `log Ẑ_c` (each from its own samples)",
     ),
     (
         (ESS,),
         "effective sample size `(Σw)²/Σw²` of the batch's target weights (out of `batch_size`)",
+    ),
+    (
+        (UNREACHED_CONTEXTS,),
+        "with `train.prompts`: the fraction of the step's prompts none of whose samples met the "
+        "pointwise constraints (`Ẑ_c = 0`: they teach nothing); `target/log_z` is then the mean "
+        "of `log Ẑ_c` over the other prompts",
     ),
     (
         (KL_TARGET_POLICY,),
@@ -170,8 +179,12 @@ def policy_estimates(
     log_pi = batch.log_policy.detach()
     args = (batch.log_target, batch.log_proposal)
     metrics = {
-        LOG_Z: batch.log_z,
-        ESS: est.effective_sample_size(batch.log_target - batch.log_proposal),
+        # with contexts log Ẑ is per context: context_estimates() gives target/log_z
+        **({LOG_Z: batch.log_z} if batch.contexts is None else {}),
+        ESS: est.effective_sample_size(
+            # with contexts, each weight normalised by its own context's Ẑ_c
+            batch.log_target - batch.log_proposal - (0 if batch.contexts is None else batch.log_z)
+        ),
         KL_TARGET_POLICY: est.kl_target_model(*args, log_pi, batch.log_z),
         TV_TARGET_POLICY: est.tv_target_model(*args, log_pi, batch.log_z),
         KL_POLICY_PRIOR: est.kl_model_prior(log_pi, batch.log_prior, batch.log_proposal),
@@ -186,22 +199,43 @@ def policy_estimates(
     return metrics
 
 
+def context_estimates(log_z_per_context: torch.Tensor) -> dict[str, torch.Tensor]:
+    """``target/log_z`` (the mean of ``log Ẑ_c`` over the contexts some sample reached) and
+    the fraction of contexts none did."""
+    reached = torch.isfinite(log_z_per_context)
+    mean = torch.where(reached, log_z_per_context, 0.0).sum() / reached.sum()
+    return {LOG_Z: mean, UNREACHED_CONTEXTS: 1 - reached.double().mean()}
+
+
 def prior_estimates(
-    log_weights: torch.Tensor, features: Mapping[str, torch.Tensor], moments: Mapping[str, float]
+    log_weights: torch.Tensor,
+    features: Mapping[str, torch.Tensor],
+    moments: Mapping[str, float],
+    contexts: Contexts | None = None,
 ) -> dict[str, float]:
     """Step 0: the prior's rates, ``log Z`` and ``KL(p‖a)`` from samples of the prior itself.
 
-    log_weights: (n,) ``log P − log a`` (= log q, so π = q = a and every ρ is 1).
+    log_weights: (n,) ``log P − log a`` (= log q, so π = q = a and every ρ is 1). With
+    contexts, ``log Z`` and ``KL(p‖a)`` are per context (means over contexts).
     """
     metrics = {constraint(name): values.double().mean().item() for name, values in features.items()}
     for name, moment in moments.items():
         metrics[constraint_target(name)] = float(moment)
-    log_z = est.log_mean_exp(log_weights)
+    if contexts is None:
+        log_z = est.log_mean_exp(log_weights)
+        metrics[LOG_Z] = log_z.item()
+    else:
+        from dmtune.target import context_log_z
+
+        log_z, per_context = context_log_z(log_weights, contexts)
+        metrics.update({k: v.item() for k, v in context_estimates(per_context).items()})
     zeros = torch.zeros_like(log_weights)
     metrics.update(
         {
-            LOG_Z: log_z.item(),
-            ESS: est.effective_sample_size(log_weights).item(),
+            # per-context weights with prompts (a shift by one log Z changes nothing without)
+            ESS: est.effective_sample_size(
+                log_weights if contexts is None else log_weights - log_z
+            ).item(),
             KL_TARGET_POLICY: est.kl_target_model(log_weights, zeros, zeros, log_z).item(),
             KL_POLICY_PRIOR: 0.0,
         }

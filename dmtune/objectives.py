@@ -20,7 +20,9 @@ from typing import Any, Callable, Literal, get_args
 import torch
 import torch.nn.functional as F
 
+from dmtune import estimators as est
 from dmtune import metrics as m
+from dmtune.prompts import Contexts
 
 Metrics = dict[str, torch.Tensor]
 
@@ -32,7 +34,9 @@ class Batch:
     log_policy: log π(x), the only tensor that carries gradient.
     log_proposal: log q(x) (equal to sg(log π) on-policy).
     log_prior: log a(x).  log_target: unnormalised log P(x), −inf where b(x) = 0.
-    log_z: running log Ẑ, 0-d.  reward: r(x) for reward-maximisation objectives.
+    log_z: running log Ẑ, 0-d; with contexts, each sample's ``log Ẑ_c`` (batch,).
+    reward: r(x) for reward-maximisation objectives.
+    contexts: with several prompts, which samples share one; baselines are then per context.
     """
 
     log_policy: torch.Tensor
@@ -41,6 +45,13 @@ class Batch:
     log_target: torch.Tensor
     log_z: torch.Tensor
     reward: torch.Tensor
+    contexts: Contexts | None = None
+
+    def context_sum(self, values: torch.Tensor) -> torch.Tensor:
+        """Each sample's sum of ``values`` over its context (over the batch without contexts)."""
+        if self.contexts is None:
+            return values.sum().expand_as(values)
+        return est.group_sum(values, self.contexts.index, self.contexts.n_groups)
 
     @property
     def log_rho(self) -> torch.Tensor:
@@ -70,17 +81,18 @@ BASELINES = ("none", "mean", "loo")
 SWAP_EVERY = "swap_every"  # the one hyperparameter the trainer reads, not the loss
 
 
-def _baseline(values: torch.Tensor, kind: str | float) -> torch.Tensor:
-    """A baseline for REINFORCE-style advantages: none, batch mean, leave-one-out, or a constant."""
+def _baseline(values: torch.Tensor, kind: str | float, batch: Batch) -> torch.Tensor:
+    """A baseline for REINFORCE-style advantages: none, the mean, leave-one-out (both over the
+    batch, or over each sample's context when there are several prompts), or a constant."""
     if kind == "none":
         return torch.zeros_like(values)
-    if kind == "mean":
-        return values.mean().expand_as(values)
-    if kind == "loo":
-        n = values.numel()
-        if n < 2:
+    if kind in ("mean", "loo"):
+        if batch.contexts is None and kind == "mean":
+            return values.mean().expand_as(values)
+        if batch.contexts is None and values.numel() < 2:
             raise ValueError("a leave-one-out baseline needs a batch of at least 2 samples")
-        return (values.sum() - values) / (n - 1)
+        total, count = batch.context_sum(values), batch.context_sum(torch.ones_like(values))
+        return total / count if kind == "mean" else (total - values) / (count - 1)
     if isinstance(kind, (int, float)):
         return torch.full_like(values, float(kind))
     raise ValueError(f"unknown baseline {kind!r}; valid: 'none', 'mean', 'loo' or a number")
@@ -92,7 +104,7 @@ def _metrics(advantage: torch.Tensor, **extra: torch.Tensor) -> Metrics:
 
 def reinforce(batch: Batch, *, baseline: str | float = "mean") -> tuple[torch.Tensor, Metrics]:
     """REINFORCE (Williams 1992): maximise E_π[r]. ``A = r − B``, on-policy."""
-    advantage = batch.reward - _baseline(batch.reward, baseline)
+    advantage = batch.reward - _baseline(batch.reward, baseline, batch)
     loss = policy_gradient_loss(advantage, batch.log_policy)
     return loss, _metrics(advantage, **{m.REWARD_MEAN: batch.reward.mean()})
 
@@ -105,7 +117,7 @@ def kl_control(
     ``R = r − β·sg(log π − log a)``, ``A = R − B``, on-policy (2206.00761 §2).
     """
     shaped = batch.reward - beta * (batch.log_policy.detach() - batch.log_prior)
-    advantage = shaped - _baseline(shaped, baseline)
+    advantage = shaped - _baseline(shaped, baseline, batch)
     loss = policy_gradient_loss(advantage, batch.log_policy)
     return loss, _metrics(advantage, **{m.REWARD_MEAN: batch.reward.mean()})
 
@@ -169,9 +181,12 @@ def fdpg(
     pseudo_reward = _minus_f_prime(log_t, divergence)
     rho = log_rho.exp()
     if baseline == "mean":
-        offset = (rho * pseudo_reward).sum() / rho.sum()
+        if batch.contexts is None:
+            offset = (rho * pseudo_reward).sum() / rho.sum()
+        else:
+            offset = batch.context_sum(rho * pseudo_reward) / batch.context_sum(rho)
     else:
-        offset = _baseline(pseudo_reward, baseline)
+        offset = _baseline(pseudo_reward, baseline, batch)
     advantage = rho * (pseudo_reward - offset)
     return policy_gradient_loss(advantage, batch.log_policy), _metrics(advantage)
 

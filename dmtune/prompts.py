@@ -13,9 +13,12 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
+BUILTIN = "builtin:"
+BUILTIN_DIR = Path(__file__).parent / "assets" / "prompts"
 DATASET_FILE_SUFFIXES = {".json": "json", ".csv": "csv", ".parquet": "parquet"}
 
 
@@ -38,6 +41,52 @@ class Contexts:
         return Contexts(self.prompts, self.index.to(device), self.n_groups)
 
 
+def check_prompt_batch(batch_size: int, samples_per_prompt: int) -> None:
+    """A step needs whole prompts of at least 2 samples each (``log Ẑ_c`` and leave-one-out
+    baselines come from a prompt's own samples)."""
+    if samples_per_prompt < 2:
+        raise ValueError(
+            f"train.samples_per_prompt={samples_per_prompt} must be at least 2: "
+            "each prompt's log Ẑ_c and baselines come from its own samples"
+        )
+    if batch_size % samples_per_prompt:
+        raise ValueError(
+            f"train.batch_size={batch_size} is not a multiple of "
+            f"train.samples_per_prompt={samples_per_prompt}"
+        )
+
+
+def check_prompt_files(config: Any) -> None:
+    """Read the prompt files a ``train`` config names when they are plain files (cheap: before
+    any model loads); datasets are read when the run builds."""
+    for key, source in (("prompts", config.prompts), ("eval_prompts", config.eval_prompts)):
+        if source is None:
+            continue
+        path = Path(_resolve(source))
+        if path.suffix in (".txt", ".jsonl"):
+            try:
+                load_prompts(source, config.prompt_field)
+            except ValueError as error:
+                raise ValueError(f"train.{key}={source}: {error}") from None
+
+
+def _resolve(source: str) -> str:
+    """``builtin:NAME`` → the shipped file's path; anything else unchanged."""
+    return str(BUILTIN_DIR / source[len(BUILTIN) :]) if source.startswith(BUILTIN) else source
+
+
+def join_contexts(parts: list[Contexts]) -> Contexts:
+    """The contexts of several batches as one (group indices offset batch after batch)."""
+    offsets = [0]
+    for part in parts[:-1]:
+        offsets.append(offsets[-1] + part.n_groups)
+    return Contexts(
+        tuple(p for part in parts for p in part.prompts),
+        torch.cat([part.index + offset for part, offset in zip(parts, offsets)]),
+        offsets[-1] + parts[-1].n_groups,
+    )
+
+
 def repeat_prompts(prompts: list[str], samples_per_prompt: int) -> Contexts:
     """Each prompt ``samples_per_prompt`` times in a row, one group per prompt."""
     index = torch.arange(len(prompts)).repeat_interleave(samples_per_prompt)
@@ -57,23 +106,43 @@ class PromptSet:
     def __len__(self) -> int:
         return len(self.prompts)
 
-    def draw(self, batch_size: int, generator: torch.Generator) -> Contexts:
+    def draw(
+        self, batch_size: int, generator: torch.Generator, samples_per_prompt: int | None = None
+    ) -> Contexts:
         """``batch_size / samples_per_prompt`` prompts, without replacement within the batch
         when there are enough, each repeated ``samples_per_prompt`` times."""
-        n_groups = batch_size // self.samples_per_prompt
+        per_prompt = samples_per_prompt or self.samples_per_prompt
+        n_groups = batch_size // per_prompt
         if n_groups <= len(self.prompts):
             chosen = torch.randperm(len(self.prompts), generator=generator)[:n_groups]
         else:
             chosen = torch.randint(len(self.prompts), (n_groups,), generator=generator)
-        return repeat_prompts([self.prompts[i] for i in chosen.tolist()], self.samples_per_prompt)
+        return repeat_prompts([self.prompts[i] for i in chosen.tolist()], per_prompt)
 
     def all(self, samples_per_prompt: int | None = None) -> Contexts:
         """Every prompt, in order (exact mode, evaluation over the whole set)."""
         return repeat_prompts(list(self.prompts), samples_per_prompt or self.samples_per_prompt)
 
 
+def prompt_set(config: Any, evaluation: bool = False) -> PromptSet | None:
+    """The prompts a ``train`` config names (None without ``train.prompts``); with
+    ``evaluation``, its held-out prompts (``eval_prompts`` / ``eval_split``) when it has any."""
+    source, split = config.prompts, config.prompt_split
+    if source is None:
+        return None
+    check_prompt_batch(config.batch_size, config.samples_per_prompt)
+    if evaluation:
+        source, split = config.eval_prompts or source, config.eval_split or split
+    prompts = load_prompts(source, config.prompt_field, split)
+    return PromptSet(tuple(prompts), config.samples_per_prompt, source)
+
+
 def load_prompts(source: str, field: str = "prompt", split: str = "train") -> list[str]:
-    """The prompts of ``source``; one line saying what is wrong when they cannot be read."""
+    """The prompts of ``source``; one line saying what is wrong when they cannot be read.
+
+    ``builtin:NAME`` is a prompts file shipped with dmtune (``dmtune/assets/prompts/NAME``).
+    """
+    source = _resolve(source)
     path = Path(source).expanduser()
     if path.suffix == ".txt":
         prompts = _read_text(path)

@@ -125,15 +125,17 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
 
 
 def _exact(trainer: Trainer) -> dict[str, float]:
-    return trainer.exact_metrics() if trainer.exact_space is not None else {}
+    return trainer.exact_metrics() if trainer.exact is not None else {}
 
 
 def _sample_rows(trainer: Trainer, n: int) -> list[dict[str, Any]]:
     """The first ``n`` samples of the last batch with their feature values."""
     samples, scores = trainer.last_samples, trainer.last_scores
     columns = {name: values[:n].tolist() for name, values in scores.by_name.items()}
+    prompts = samples.contexts.prompts if samples.contexts is not None else None
     return [
         {
+            **({"prompt": prompts[i]} if prompts else {}),
             "text": text,
             "tokens": int(length),
             **{name: values[i] for name, values in columns.items()},

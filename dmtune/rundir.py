@@ -185,7 +185,7 @@ def load_run(run_dir: str | Path, cfg: DictConfig | None = None) -> LoadedRun:
     run = RunDir(run_dir)
     saved = run.load_config()
     cfg = saved if cfg is None else cfg
-    lm = build_lm(cfg)
+    lm = build_lm(cfg, evaluation=True)
     target = build_target(cfg, lm.tokenizer)
     state = load_checkpoint(run.checkpoint, map_location=lm.device)
     policy = frozen_copy(lm.model).float()
@@ -243,12 +243,22 @@ def sample_run(
         run.cfg.train.max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p
     )
     generator = torch.Generator(lm.device).manual_seed(seed)
-    samples = lm.sample(n, decoding, generator, model=run.policy)
+    # with prompts, each sample continues a prompt drawn from the run's (held-out) prompts
+    contexts = None
+    if lm.prompts is not None:
+        contexts = lm.prompts.draw(n, torch.Generator().manual_seed(seed), samples_per_prompt=1)
+    samples = lm.sample(n, decoding, generator, model=run.policy, contexts=contexts)
     scores = run.target.score(samples)
     with torch.no_grad():
         log_pi = lm.log_probs(samples, model=run.policy)
     columns = {name: values.tolist() for name, values in scores.by_name.items()}
+    prompts = contexts.prompts if contexts is not None else None
     return [
-        {"text": text, "log_prob": lp, **{name: values[i] for name, values in columns.items()}}
+        {
+            **({"prompt": prompts[i]} if prompts else {}),
+            "text": text,
+            "log_prob": lp,
+            **{name: values[i] for name, values in columns.items()},
+        }
         for i, (text, lp) in enumerate(zip(samples.texts, log_pi.tolist()))
     ]

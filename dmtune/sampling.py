@@ -8,15 +8,25 @@ which is what was actually sampled from.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import torch
 from transformers import DynamicCache, PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
+from dmtune.prompts import Contexts
+
 # How many tokens between checks that every sequence has ended: each check is a host-device
 # sync, so on a GPU we do not want one per token.
 _DONE_CHECK_EVERY = 4
+
+
+def cache_argument(model: PreTrainedModel) -> str:
+    """The keyword a model's forward takes its KV cache by: ``cache`` from transformers 5.x on
+    (where ``past_key_values`` is deprecated), ``past_key_values`` before."""
+    parameters = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in parameters else "past_key_values"
 
 
 def position_ids_from_mask(mask: torch.Tensor) -> torch.Tensor:
@@ -59,6 +69,7 @@ class Samples:
 
     tokens, mask: (batch, seq); mask is 1 on generated tokens up to and including EOS.
     log_q: (batch,) log-prob of each sequence under the sampler (EOS included).
+    contexts: with several prompts, which prompt each row continues (None: one prompt for all).
     """
 
     prompt_ids: torch.Tensor
@@ -67,6 +78,7 @@ class Samples:
     mask: torch.Tensor
     log_q: torch.Tensor
     texts: list[str]
+    contexts: Contexts | None = None
 
     def __len__(self) -> int:
         return self.tokens.shape[0]
@@ -132,13 +144,13 @@ def sample(
     positions = position_ids_from_mask(attention)  # (batch, prompt_len + max_new)
 
     cache = DynamicCache(config=model.config)
+    with_cache = {cache_argument(model): cache, "use_cache": True}
     out = model(
         input_ids=prompt_ids,
         attention_mask=prompt_mask,
         position_ids=positions[:, :prompt_len],
-        past_key_values=cache,
-        use_cache=True,
         logits_to_keep=1,
+        **with_cache,
     )
     length = 0
     for t in range(max_new):
@@ -161,8 +173,7 @@ def sample(
             input_ids=token[:, None],
             attention_mask=attention[:, : column + 1],
             position_ids=positions[:, column : column + 1],
-            past_key_values=cache,
-            use_cache=True,
+            **with_cache,
         )
     tokens, mask = tokens[:, :length], mask[:, :length]
     return Samples(

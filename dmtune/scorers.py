@@ -25,6 +25,7 @@ callable, or that returns the wrong number of values, non-numbers, NaN or infini
 from __future__ import annotations
 
 import importlib
+import inspect
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -66,7 +67,8 @@ def check_values(name: str, scorer: str, values: Any, n: int) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class PythonScorer:
-    """``function(texts, **kwargs)`` → one number per text."""
+    """``function(texts, **kwargs)`` → one number per text; with prompts (``train.prompts``)
+    also ``prompts=`` (one per text) when the function takes a ``prompts`` argument."""
 
     name: str
     path: str  # "package.module:function"
@@ -74,14 +76,25 @@ class PythonScorer:
     kwargs: dict[str, Any] = field(default_factory=dict)
 
     def __call__(self, samples: Samples) -> torch.Tensor:
+        kwargs = dict(self.kwargs)
+        if samples.contexts is not None and _takes_prompts(self.function):
+            kwargs["prompts"] = list(samples.contexts.prompts)
         try:
-            values = self.function(list(samples.texts), **self.kwargs)
+            values = self.function(list(samples.texts), **kwargs)
         except Exception as error:  # noqa: BLE001 - the user's code: report it in one line
             raise ValueError(
                 f"feature {self.name!r}: {self.path} raised {type(error).__name__}: {error}"
             ) from error
         values = check_values(self.name, self.path, values, len(samples))
         return values.to(samples.tokens.device)
+
+
+def _takes_prompts(function: Callable[..., Any]) -> bool:
+    try:
+        parameters = inspect.signature(function).parameters.values()
+    except (TypeError, ValueError):  # a builtin without a signature
+        return False
+    return any(p.name == "prompts" or p.kind is p.VAR_KEYWORD for p in parameters)
 
 
 def import_function(name: str, path: str) -> Callable[..., Any]:

@@ -14,7 +14,9 @@ from typing import Sequence
 
 import torch
 
+from dmtune import estimators as est
 from dmtune.constraints import Feature
+from dmtune.prompts import Contexts
 from dmtune.sampling import Samples
 
 LAMBDA_TOLERANCE = 1e-4  # |E_p[φ] − μ̄| at which λ fitting stops
@@ -105,11 +107,40 @@ class Target:
             log_p = log_p + scores.features.double() @ self.lambdas.to(scores.features.device)
         return log_p.to(log_prior.dtype)
 
-    def fit(self, log_prior: torch.Tensor, log_proposal: torch.Tensor, scores: Scores) -> LambdaFit:
-        """Fit λ on samples of a proposal (pass log_proposal = 0 over an enumerated space)."""
-        fit = fit_lambdas(scores.features, self.moments, log_prior + scores.log_b - log_proposal)
+    def fit(
+        self,
+        log_prior: torch.Tensor,
+        log_proposal: torch.Tensor,
+        scores: Scores,
+        contexts: Contexts | None = None,
+    ) -> LambdaFit:
+        """Fit λ on samples of a proposal (pass log_proposal = 0 over an enumerated space);
+        with contexts, one λ shared by every context: ``E_c E_{p_c}[φ] = μ̄``."""
+        fit = fit_lambdas(
+            scores.features,
+            self.moments,
+            log_prior + scores.log_b - log_proposal,
+            groups=contexts,
+        )
         self.lambdas, self.fitted = fit.lambdas.cpu(), True
         return fit
+
+
+def context_log_z(
+    log_weights: torch.Tensor, contexts: Contexts
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """CDPG's ``log Ẑ_c``: the log-mean-exp of ``log P − log q`` over context c's own samples.
+
+    Returns (each sample's ``log Ẑ_c`` (batch,), every context's (n_contexts,)). A context none
+    of whose samples meets the pointwise constraints has ``Ẑ_c = 0``: its per-sample value is
+    set to 0 (its weights ``P/q`` are all 0 whatever it is) and its entry stays −inf.
+    Self-normalised: consistent in the samples per context, biased at few (``E[1/Ẑ_c] > 1/Z_c``).
+    """
+    per_context = est.group_log_mean_exp(
+        log_weights.detach().double(), contexts.index, contexts.n_groups
+    )
+    per_sample = torch.where(torch.isneginf(per_context), 0.0, per_context)[contexts.index]
+    return per_sample, per_context
 
 
 def kl_control_log_target(
@@ -129,12 +160,38 @@ class LambdaFit:
     ess: float
 
 
+def _softmax(logits: torch.Tensor, groups: Contexts | None) -> torch.Tensor:
+    """Self-normalised weights (n,): one softmax, or with groups the mean over groups of each
+    group's softmax (groups whose weights are all 0 left out)."""
+    if groups is None:
+        return torch.softmax(logits, 0)
+    per_group = est.group_log_mean_exp(logits, groups.index, groups.n_groups)
+    seen = torch.isfinite(per_group)
+    counts = torch.zeros(groups.n_groups, dtype=logits.dtype, device=logits.device).index_add_(
+        0, groups.index, torch.ones_like(logits)
+    )
+    log_norm = torch.where(seen, per_group + counts.log(), 0.0)[groups.index]
+    weights = torch.where(seen[groups.index], (logits - log_norm).exp(), 0.0)
+    return weights / seen.sum()
+
+
+def _dual(
+    logits: torch.Tensor, lam: torch.Tensor, target: torch.Tensor, groups: Contexts | None
+) -> torch.Tensor:
+    """The convex dual ``mean_c log Σ_{x∈c} exp(logits) − λ·μ̄`` (one group without groups)."""
+    if groups is None:
+        return torch.logsumexp(logits, 0) - lam @ target
+    per_group = est.group_log_mean_exp(logits, groups.index, groups.n_groups)
+    return per_group[torch.isfinite(per_group)].mean() - lam @ target
+
+
 def fit_lambdas(
     features: torch.Tensor,
     moments: torch.Tensor,
     log_base_weights: torch.Tensor,
     tolerance: float = LAMBDA_TOLERANCE,
     max_iterations: int = LAMBDA_MAX_ITERATIONS,
+    groups: Contexts | None = None,
 ) -> LambdaFit:
     """Find λ with ``E_{p_λ}[φ] = μ̄`` where ``p_λ ∝ exp(log_base_weights + λ·φ)``.
 
@@ -142,7 +199,9 @@ def fit_lambdas(
     ``log a + log b − log q`` (self-normalised importance sampling), for an enumerated space
     ``log a + log b``. Newton's method on the convex dual ``log Σ exp(lw + λ·φ) − λ·μ̄``, whose
     gradient is ``E_λ[φ] − μ̄`` and Hessian ``Cov_λ[φ]``, with a backtracking line search; all
-    weights stay in log space.
+    weights stay in log space. With ``groups`` (contexts), λ is shared and the moment matched is
+    the mean over contexts of each context's self-normalised moment: the dual is the mean of
+    the contexts' log-sum-exps, the Hessian the mean of their covariances.
     """
     phi = features.double()
     target = moments.double().to(phi.device)
@@ -150,17 +209,30 @@ def fit_lambdas(
     usable = torch.isfinite(log_w0)
     _check_reachable(phi[usable], target)
 
+    if groups is not None:
+        groups = groups.to(phi.device)
+
     def dual(lam: torch.Tensor) -> torch.Tensor:
-        return torch.logsumexp(log_w0 + phi @ lam, 0) - lam @ target
+        return _dual(log_w0 + phi @ lam, lam, target, groups)
 
     lam = torch.zeros(phi.shape[1], dtype=torch.float64, device=phi.device)
     for iteration in range(1, max_iterations + 1):
-        weights = torch.softmax(log_w0 + phi @ lam, 0)  # (n,)
+        weights = _softmax(log_w0 + phi @ lam, groups)  # (n,)
         mean = weights @ phi
         gap = mean - target
         if gap.abs().max() < tolerance:
             return LambdaFit(lam, mean, iteration, _ess(log_w0 + phi @ lam))
-        centred = phi - mean
+        if groups is None:
+            centred = phi - mean
+        else:  # each sample about its own context's mean
+            group_means = torch.zeros(
+                groups.n_groups, phi.shape[1], dtype=phi.dtype, device=phi.device
+            ).index_add_(0, groups.index, weights[:, None] * phi)
+            group_weights = torch.zeros(
+                groups.n_groups, dtype=phi.dtype, device=phi.device
+            ).index_add_(0, groups.index, weights)
+            safe = torch.where(group_weights > 0, group_weights, 1.0)
+            centred = phi - (group_means / safe[:, None])[groups.index]
         hessian = (centred * weights[:, None]).T @ centred
         hessian = hessian + _HESSIAN_JITTER * torch.eye(
             len(lam), dtype=torch.float64, device=phi.device
@@ -175,7 +247,7 @@ def fit_lambdas(
         lam = lam - step_size * step
         if lam.abs().max() > LAMBDA_MAX_ABS:
             break
-    weights = torch.softmax(log_w0 + phi @ lam, 0)
+    weights = _softmax(log_w0 + phi @ lam, groups)
     raise UnreachableMomentError(
         f"λ fitting did not reach the target moments {target.tolist()} "
         f"(got {(weights @ phi).tolist()} "

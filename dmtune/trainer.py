@@ -19,11 +19,12 @@ from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 from dmtune import estimators as est
 from dmtune import metrics as m
 from dmtune.config import TrainConfig
-from dmtune.exact import ExactOracle, ExactSpace
+from dmtune.exact import ExactOracle, exact_spaces
 from dmtune.lm import LM, frozen_copy
 from dmtune.objectives import Batch, get_objective, names_of, split_objective_params
+from dmtune.prompts import join_contexts, prompt_set
 from dmtune.sampling import Decoding, Samples, check_ancestral
-from dmtune.target import RunningLogZ, Scores, Target
+from dmtune.target import RunningLogZ, Scores, Target, context_log_z
 
 
 @dataclass
@@ -69,7 +70,7 @@ class Trainer:
         # A half-precision prior (device.dtype=bfloat16/float16) runs under autocast, but the
         # policy keeps float32 weights: AdamW steps of lr ~1e-5 are below bfloat16's resolution
         # (2^-8 relative) and would round away in pure half-precision weights.
-        self.lm = LM(self.prior, tokenizer, config.prompt)
+        self.lm = LM(self.prior, tokenizer, config.prompt, prompt_set(config))
         # eval mode: no dropout, so π is the same distribution we sample from and score
         self.policy = frozen_copy(prior).float().requires_grad_(True)
         self.proposal = frozen_copy(self.policy) if self.spec.proposal == "frozen" else None
@@ -85,20 +86,21 @@ class Trainer:
         )
         self.log_z = RunningLogZ()
         self.generator = torch.Generator(self.device).manual_seed(config.seed)
+        # which prompts each step draws (on the CPU: it only picks indices)
+        self.prompt_generator = torch.Generator().manual_seed(config.seed)
         self.step_count = 0
         self.samples_seen = 0
         self.skipped_steps = 0  # steps whose loss or gradient was not finite (no update)
         self.bad_steps = 0  # of them, how many in a row up to now
         self.last_samples: Samples | None = None
         self.last_scores: Scores | None = None
-        self.exact_space = (
-            ExactSpace(prior, tokenizer, config.max_new_tokens, config.prompt)
-            if config.exact
-            else None
-        )
-        self.exact = (
-            ExactOracle(self.exact_space, self.prior) if self.exact_space is not None else None
-        )
+        self.exact = None
+        if config.exact:
+            prompts = self.lm.prompts.prompts if self.lm.prompts else (config.prompt,)
+            spaces = exact_spaces(
+                prior, tokenizer, config.max_new_tokens, prompts, self.lm.prompts is not None
+            )
+            self.exact = ExactOracle(spaces, self.prior)
 
     @property
     def device(self) -> torch.device:
@@ -124,6 +126,7 @@ class Trainer:
             self.config.batch_size,
             self.config.max_new_tokens,
             self.generator,
+            self.prompt_generator,
         )
         self.log_z.update(log_w)
         return calibration
@@ -138,8 +141,9 @@ class Trainer:
 
         # --- sample x ~ q ---
         sampler = self.proposal if self.proposal is not None else self.policy
+        contexts = self.lm.draw_contexts(self.config.batch_size, self.prompt_generator)
         samples = self.lm.sample(
-            self.config.batch_size, self.decoding, self.generator, model=sampler
+            self.config.batch_size, self.decoding, self.generator, model=sampler, contexts=contexts
         )
         sampled = time.perf_counter()
 
@@ -153,10 +157,15 @@ class Trainer:
         # --- loss: one forward + backward of the policy ---
         log_policy = self.lm.log_probs(samples, model=self.policy)  # (batch,) with grad
         log_proposal = samples.log_q if self.proposal is not None else log_policy.detach()
-        # log Ẑ with this batch: committed below only if the step is finite
-        running_log_z = self.log_z.updated(log_target - log_proposal)
-        log_z = running_log_z.value
-        batch = Batch(log_policy, log_proposal, log_prior, log_target, log_z, scores.reward)
+        if contexts is None:  # log Ẑ with this batch: committed below only if the step is finite
+            running_log_z = self.log_z.updated(log_target - log_proposal)
+            log_z = running_log_z.value
+        else:  # CDPG: each context's log Ẑ_c from its own samples in this batch
+            running_log_z = self.log_z
+            log_z, log_z_per_context = context_log_z(log_target - log_proposal, samples.contexts)
+        batch = Batch(
+            log_policy, log_proposal, log_prior, log_target, log_z, scores.reward, samples.contexts
+        )
         loss, objective_metrics = self.spec.loss(batch, **self.loss_kwargs)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -165,7 +174,9 @@ class Trainer:
         lr = self.scheduler.get_last_lr()[0]
         # A diverged policy (NaN logits, an overflowing loss) must not reach the weights, the
         # optimizer's moments or log Ẑ: such a step is skipped and counted. One host sync.
-        finite = torch.isfinite(loss.detach()) & torch.isfinite(grad_norm) & ~torch.isnan(log_z)
+        finite = (
+            torch.isfinite(loss.detach()) & torch.isfinite(grad_norm) & ~torch.isnan(log_z).any()
+        )
         if bool(finite):
             self.log_z = running_log_z
             self.optimizer.step()
@@ -185,6 +196,8 @@ class Trainer:
                 batch, scores.by_name, self.target.moments_by_name(), self.proposal is not None
             )
         )
+        if contexts is not None:
+            metrics.update(m.context_estimates(log_z_per_context))
         if self.proposal is not None and self.step_count % self.swap_every == 0:
             metrics[m.PROPOSAL_UPDATED] = self._maybe_swap_proposal(samples, batch)
         self.last_samples, self.last_scores = samples, scores
@@ -248,6 +261,7 @@ class Trainer:
             "lambdas": self.target.lambdas.clone(),
             "target_fitted": self.target.fitted,
             "generator": self.generator.get_state(),
+            "prompt_generator": self.prompt_generator.get_state(),
             "torch_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
             "step": self.step_count,
@@ -265,6 +279,8 @@ class Trainer:
         self.log_z.load_state_dict(state["log_z"])
         self.target.lambdas, self.target.fitted = state["lambdas"], state["target_fitted"]
         self.generator.set_state(state["generator"])
+        if "prompt_generator" in state:  # checkpoints of dmtune 0.1.0 predate prompts
+            self.prompt_generator.set_state(state["prompt_generator"])
         torch.set_rng_state(state["torch_rng"])
         if state["cuda_rng"]:
             torch.cuda.set_rng_state_all(state["cuda_rng"])
@@ -289,17 +305,23 @@ def calibrate(
     batch_size: int,
     max_new_tokens: int,
     generator: torch.Generator,
+    prompt_generator: torch.Generator | None = None,
 ) -> tuple[dict[str, Any], torch.Tensor]:
     """Sample the prior ``fit_samples`` times: base rates, λ fitting, and KL(p‖a).
 
     Returns the calibration record ({"metrics": step-0 metrics of π = a, "lambdas", ...}) and
     the samples' ``log P − log a`` (n,). A pointwise constraint that no prior sample meets is
-    an error: every importance weight would be 0.
+    an error: every importance weight would be 0. With prompts, each batch draws its contexts
+    as training does, and λ is fitted to the mean over contexts of their moments.
     """
     decoding = Decoding(max_new_tokens=max_new_tokens)
-    batches = [
-        lm.sample(batch_size, decoding, generator) for _ in range(-(-fit_samples // batch_size))
-    ]
+    batches = []
+    for _ in range(-(-fit_samples // batch_size)):
+        contexts = None
+        if lm.prompts is not None:
+            contexts = lm.draw_contexts(batch_size, prompt_generator or torch.Generator())
+        batches.append(lm.sample(batch_size, decoding, generator, contexts=contexts))
+    contexts = join_contexts([s.contexts for s in batches]) if lm.prompts is not None else None
     scores = [target.score(s) for s in batches]
     by_name = {name: torch.cat([s.by_name[name] for s in scores]) for name in scores[0].by_name}
     joined = Scores(
@@ -325,10 +347,10 @@ def calibrate(
         )
     # samples of the prior itself: log a − log q = 0, so the base weights are log b
     zeros = torch.zeros(n, dtype=torch.float64, device=joined.log_b.device)
-    fit = target.fit(zeros, zeros, joined) if target.distributional else None
+    fit = target.fit(zeros, zeros, joined, contexts) if target.distributional else None
     log_w = target.log_prob(zeros, joined)  # log P − log a
     calibration = {
-        "metrics": m.prior_estimates(log_w, by_name, target.moments_by_name()),
+        "metrics": m.prior_estimates(log_w, by_name, target.moments_by_name(), contexts),
         "fit_samples": n,
         "lambdas": target.lambdas.tolist(),
         "lambda_fit": None

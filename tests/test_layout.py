@@ -83,6 +83,7 @@ def test_logged_keys_and_the_glossary_name_the_same_metrics(tmp_path):
     runs = [
         _train(tmp_path, "kl_dpg", "objective=kl_dpg", "objective.swap_every=1", *distributional),
         _train(tmp_path, "reinforce", "objective=reinforce"),
+        _train(tmp_path, "prompts", "train.prompts=builtin:toy.txt", "train.samples_per_prompt=4"),
     ]
     result = runner.invoke(app, ["eval", str(runs[0].path), "-n", "64", "--wandb", "disabled"])
     assert result.exit_code == 0, result.output
