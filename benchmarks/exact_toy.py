@@ -50,7 +50,7 @@ COLUMNS = [
 
 @torch.no_grad()
 def _exact_figures(trainer: Trainer, objective: str, kwargs: dict) -> dict[str, float]:
-    space = trainer.exact_space
+    (space,) = trainer.exact.spaces  # one prompt: one enumerated space
     log_prior = space.log_probs(trainer.prior).double()
     log_pi = space.log_probs(trainer.policy).double()
     truth = target_truth(space, trainer.target, log_prior)

@@ -2,7 +2,7 @@
 # Regenerates the runs behind docs/reproduction.md: eight sweeps on the tiny prior (54 runs), a
 # fresh-sample `dmtune eval` of every run, and a `dmtune compare` table + plot per sweep, copied
 # to docs/reproduction/.
-#   bash benchmarks/reproduce.sh                      # ~1h45 on 2 CPU cores
+#   bash benchmarks/reproduce.sh                      # ~2h15 on 2 CPU cores
 #   SEEDS=0,1,2,3,4 JOBS=8 bash benchmarks/reproduce.sh
 #   EXTRA="size=paper" OUT=outputs/reproduction_gpt2 bash benchmarks/reproduce.sh   # a GPU and GPT-2
 # A sweep whose dir exists is not re-run (delete it to redo it); missing evals are filled in.
@@ -21,7 +21,7 @@ sweep() {  # sweep NAME OVERRIDES... : one sweep, its evals, its comparison (BY:
   if [ ! -d "$OUT/$name" ]; then
     # shellcheck disable=SC2086
     $DMTUNE sweep "$@" $EXTRA "seed=$SEEDS" hydra/launcher=joblib "hydra.launcher.n_jobs=$JOBS" \
-      "hydra.sweep.dir=$OUT/$name" "logger.group=reproduction_$name"
+      "hydra.sweep.dir=$OUT/$name" "logger.sweep=reproduction_$name"
   fi
   for run in "$OUT/$name"/*/; do
     [ -f "$run/eval.json" ] || $DMTUNE eval "$run" -n "$EVAL_N" --wandb offline

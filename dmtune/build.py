@@ -8,6 +8,7 @@ objective's hyperparameters go to its loss unchanged, a feature's ``params`` to 
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,10 +17,18 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from dmtune import __version__
 from dmtune.config import objective_name_and_params
 from dmtune.constraints import build_feature
 from dmtune.lm import LM
-from dmtune.loggers import JsonlSink, RunLogger, Sink, WandbOptions, WandbSink
+from dmtune.loggers import (
+    WANDB_GROUP_MAX,
+    JsonlSink,
+    RunLogger,
+    Sink,
+    WandbOptions,
+    WandbSink,
+)
 from dmtune.priors import TOY, load_prior
 from dmtune.prompts import prompt_set
 from dmtune.rundir import RunDir
@@ -107,38 +116,58 @@ def build_trainer(cfg: DictConfig) -> Trainer:
 
 @dataclass(frozen=True)
 class LogIdentity:
-    """What names a logged run beside its config: train or eval, its name and extra tags."""
+    """What names a logged run beside its config: train or eval, its name and extra tags, and
+    the overrides it was launched with (they choose its W&B group)."""
 
     name: str
     job_type: str | None = None  # default: logger.job_type
     tags: tuple[str, ...] = ()
     wandb_mode: str | None = None  # default: logger.mode
+    overrides: tuple[str, ...] = ()
+
+
+# overrides that do not make another experiment: runs differing only in these share a group
+NOT_IN_GROUP = ("seed=", "resume=", "hydra.", "hydra/", "logger", "device", "experiment=",
+                "objective=")
+
+
+def default_group(cfg: DictConfig, overrides: tuple[str, ...] | list[str]) -> str:
+    """``<experiment>:<objective>[,<other overrides>]``: the runs that differ only in seed."""
+    kept = sorted(o for o in overrides if not o.lstrip("+~").startswith(NOT_IN_GROUP))
+    group = ",".join([f"{cfg.experiment_name}:{cfg.objective.name}", *kept])
+    if len(group) > WANDB_GROUP_MAX:  # W&B's limit: keep it readable and still unique
+        digest = hashlib.sha1(group.encode()).hexdigest()[:8]
+        group = f"{group[: WANDB_GROUP_MAX - 9]}~{digest}"
+    return group
 
 
 def wandb_options(cfg: DictConfig, identity: LogIdentity) -> WandbOptions:
-    """The W&B run of a config: its group defaults to the experiment, its tags name what ran."""
+    """The W&B run of a config: grouped with the runs that differ only in seed, tagged with
+    what ran (the model by its last path part: tags are at most 64 characters)."""
     logger = cfg.logger
     return WandbOptions(
         mode=identity.wandb_mode or logger.mode,
         project=logger.project,
         entity=logger.entity,
-        group=logger.group or cfg.experiment_name,
+        group=logger.group or default_group(cfg, identity.overrides),
         job_type=identity.job_type or logger.job_type,
         tags=(
             cfg.objective.name,
             cfg.constraint.name,
-            str(cfg.model.name_or_path),
+            Path(str(cfg.model.name_or_path)).name or str(cfg.model.name_or_path),
+            *([logger.sweep] if logger.sweep else []),
             *logger.tags,
             *identity.tags,
         ),
         name=logger.name or identity.name,
+        timeout_s=logger.timeout_s,
     )
 
 
 def _wandb_sink(cfg: DictConfig, run_dir: Path, identity: LogIdentity) -> Sink:
-    return WandbSink(
-        run_dir, wandb_options(cfg, identity), config=OmegaConf.to_container(cfg, resolve=True)
-    )
+    config = OmegaConf.to_container(cfg, resolve=True)
+    config["dmtune"] = {"version": __version__, "overrides": list(identity.overrides)}
+    return WandbSink(run_dir, wandb_options(cfg, identity), config=config)
 
 
 # logger.sinks: name → builder (metrics.jsonl is always written: it is the run's own record)

@@ -7,6 +7,7 @@ second with one line naming the bad key or option and the valid ones, before a m
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import shutil
 import sys
@@ -19,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from transformers.utils import logging as hf_logging
 
 from dmtune import metrics as m
+from dmtune.loggers import WHERE_OFFLINE, WHERE_ONLINE
 from dmtune.overrides import (
     CONF_DIR,
     ConfigError,
@@ -47,7 +49,7 @@ app = typer.Typer(
     "distribution matching (DPG, GDC++, KL-adaptive DPG, f-DPG) beside reward maximisation "
     "(REINFORCE, KL-control), configured with Hydra and logged to Weights & Biases.",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,  # dmtune --install-completion / --show-completion
     pretty_exceptions_enable=False,
     rich_markup_mode=None,  # Hydra's list syntax [a,b] is not markup
 )
@@ -143,6 +145,9 @@ def print_summary(summary: dict[str, Any]) -> None:
     if summary.get("skipped_steps"):
         lines.append(f"  skipped steps (non-finite loss or gradient): {summary['skipped_steps']}")
     lines.append(f"  run dir: {summary['run_dir']}")
+    for line in summary.get("logging", []):  # where the W&B run is; a W&B failure once
+        if line.startswith((WHERE_ONLINE, WHERE_OFFLINE)) or line in summary["logging_unshown"]:
+            lines.append(f"  {line}")
     typer.echo("\n".join(lines))
 
 
@@ -240,8 +245,8 @@ def sweep(
             )
     for job in _sweep_jobs(overrides, searching=optuna):
         compose_config(job)
-    if not any(o.startswith("logger.group=") for o in overrides):
-        overrides.append(f"logger.group=sweep_{time.strftime('%Y-%m-%d_%H-%M-%S')}")
+    if not any(o.startswith("logger.sweep=") for o in overrides):
+        overrides.append(f"logger.sweep=sweep_{time.strftime('%Y-%m-%d_%H-%M-%S')}")
     if "hydra/launcher=joblib" in overrides and not any(
         o.startswith("device.threads=") for o in overrides
     ):
@@ -291,15 +296,44 @@ def _write_wandb_sweep(
     )
 
 
+def _version(value: bool) -> None:
+    if value:
+        from dmtune import __version__
+
+        typer.echo(f"dmtune {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
+    ),
+) -> None:
+    """Fine-tune language models toward constraints without catastrophic forgetting."""
+
+
 @app.command("config")
-def show_config(overrides: Optional[List[str]] = OVERRIDES) -> None:
+def show_config(
+    overrides: Optional[List[str]] = OVERRIDES,
+    resolve: bool = typer.Option(
+        False, "--resolve", help="Resolve interpolations (${...}) as the run would see them."
+    ),
+    as_json: bool = typer.Option(False, "--json", help="JSON instead of YAML (implies --resolve)."),
+) -> None:
     """Print the composed config for these overrides (nothing is run).
 
     \b
-    Example:
+    Examples:
       dmtune config objective=kl_control objective.beta=0.05
+      dmtune config experiment=conditional --resolve
+      dmtune config --json | jq .train
     """
-    typer.echo(OmegaConf.to_yaml(compose_config(list(overrides or []))), nl=False)
+    cfg = compose_config(list(overrides or []))
+    if as_json:
+        typer.echo(json.dumps(OmegaConf.to_container(cfg, resolve=True), indent=1))
+    else:
+        typer.echo(OmegaConf.to_yaml(cfg, resolve=resolve), nl=False)
 
 
 SEARCHPATH_HELP = "Your own config groups: a folder holding e.g. constraint/mine.yaml."

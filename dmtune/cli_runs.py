@@ -98,19 +98,30 @@ def sample(
     top_p: float = TOP_P,
     top_k: int = TOP_K,
     seed: int = typer.Option(0, help="Seed of the sampler."),
+    overrides: Optional[List[str]] = typer.Argument(
+        None,
+        help="Overrides of the run's config, e.g. device=cpu (a GPU run on a laptop).",
+        show_default=False,
+    ),
 ) -> None:
     """Print samples of a trained policy with their feature scores.
 
     \b
-    Example:
+    Examples:
       dmtune sample outputs/2026-11-22/10-00-00_default_dpg_baseline -n 16
+      dmtune sample RUN_DIR device=cpu constraint=gender   # scored by another constraint set
     """
     from dmtune.priors import PriorUnavailableError
     from dmtune.rundir import sample_run
 
+    overrides = list(overrides or [])
+    try:
+        cfg = eval_config(run_dir, overrides) if overrides else None
+    except ConfigError as error:
+        fail(str(error))
     try:
         rows = sample_run(
-            run_dir, n=n, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed
+            run_dir, n=n, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, cfg=cfg
         )
     except (ValueError, PriorUnavailableError) as error:  # CheckpointError is a ValueError
         fail(str(error).splitlines()[0])

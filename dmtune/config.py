@@ -93,10 +93,14 @@ class LoggerConfig:
     mode: str = "auto"  # auto (online when logged in, else offline), online, offline, disabled
     project: str = "dmtune"
     entity: Optional[str] = None
-    group: Optional[str] = None  # defaults to the experiment name
+    # runs that differ only in their seed share a group (W&B plots its mean ± spread); default:
+    # the experiment, the objective and every other override but seed, logger.*, device.*
+    group: Optional[str] = None
     job_type: str = "train"
     tags: List[str] = field(default_factory=list)
     name: Optional[str] = None  # W&B run name; defaults to the run dir's name
+    sweep: Optional[str] = None  # the sweep a run belongs to (dmtune sweep sets it): a W&B tag
+    timeout_s: float = 60.0  # the longest W&B may hold the run at start (init) or end (finish)
 
 
 @dataclass
@@ -233,6 +237,8 @@ def _check_device_and_logger(cfg: DictConfig) -> None:
         raise ValueError(
             f"device.threads={cfg.device.threads} must be at least 0 (0: torch's default)"
         )
+    if not cfg.logger.timeout_s > 0:
+        raise ValueError(f"logger.timeout_s={cfg.logger.timeout_s} must be > 0 (seconds)")
     if cfg.logger.mode not in WANDB_MODES:
         raise ValueError(f"logger.mode={cfg.logger.mode!r}; valid: {', '.join(WANDB_MODES)}")
     for sink in cfg.logger.sinks:

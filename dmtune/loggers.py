@@ -5,8 +5,10 @@ logged step), ``samples.jsonl``, ``summary.json`` — and is always on; :class:`
 W&B run (``wandb/`` and ``wandb_run_id.txt``, so that a resumed run continues the same W&B
 run) when ``logger.sinks`` names it. Non-finite floats are written as the strings ``"NaN"``,
 ``"Infinity"`` and ``"-Infinity"`` (W&B's own spelling) so that every line is valid JSON;
-:func:`read_jsonl` turns them back into floats. A W&B failure never stops training: it warns
-once (:class:`WandbWarning`) and the run carries on with the local files.
+:func:`read_jsonl` turns them back into floats. A W&B failure never stops training: W&B's own
+waits (init, finish) are bounded by ``logger.timeout_s``, and a failure turns the sink off with
+one line (:attr:`WandbSink.problem`) that the run's summary shows, with the ``wandb sync``
+command that uploads the local copy later.
 """
 
 from __future__ import annotations
@@ -17,13 +19,13 @@ import os
 import re
 import subprocess
 import sys
-import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Protocol
 
+from dmtune.metrics import SAMPLES_SEEN as SAMPLES_SEEN_KEY
 from dmtune.rundir import WANDB_RUN_ID_FILE, RunDir, atomic_write_text
 
 if TYPE_CHECKING:
@@ -31,13 +33,12 @@ if TYPE_CHECKING:
     from typing_extensions import Self
 
 WANDB_MODES = ("auto", "online", "offline", "disabled")
+WANDB_TAG_MAX = 64  # W&B refuses a run whose tag is longer
+WANDB_GROUP_MAX = 128
+WHERE_ONLINE, WHERE_OFFLINE = "W&B run: ", "W&B (offline): "  # the lines saying where a run is
 RUN_ID_FILE = WANDB_RUN_ID_FILE
 _NONFINITE = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
 _INSPECT_TIMEOUT_S = 120
-
-
-class WandbWarning(RuntimeWarning):
-    """W&B failed; logging goes on to the local JSONL files only."""
 
 
 def to_python(value: Any) -> Any:
@@ -138,6 +139,15 @@ class WandbOptions:
     job_type: str | None = "train"
     tags: tuple[str, ...] = ()
     name: str | None = None
+    timeout_s: float = 60.0  # the longest W&B may make init or finish wait
+
+
+def short_tag(tag: str) -> str:
+    """A W&B tag (1–64 characters): a path becomes its last part, a long name is cut."""
+    tag = str(tag).rstrip("/")
+    if "/" in tag and len(tag) > WANDB_TAG_MAX:
+        tag = tag.rsplit("/", 1)[1]
+    return tag if len(tag) <= WANDB_TAG_MAX else tag[: WANDB_TAG_MAX - 1] + "…"
 
 
 def wandb_logged_in() -> bool:
@@ -165,51 +175,61 @@ def resolve_wandb_mode(mode: str) -> str:
     return mode
 
 
-def _warn(what: str, error: BaseException) -> None:
-    warnings.warn(
-        f"W&B {what} failed ({type(error).__name__}: {error}); logging to local JSONL only.",
-        WandbWarning,
-        stacklevel=3,
-    )
+def _one_line(error: BaseException, limit: int = 160) -> str:
+    text = str(error).strip()
+    line = f"{type(error).__name__}: {text.splitlines()[0] if text else ''}".rstrip(": ")
+    return line if len(line) <= limit else line[: limit - 1] + "…"
 
 
 def init_wandb(
     run_dir: str | Path, options: WandbOptions, config: Mapping[str, Any] | None = None
 ) -> wandb.Run | None:
-    """Start (or resume) the W&B run of ``run_dir``; ``None`` when disabled or on failure.
+    """Start (or resume) the W&B run of ``run_dir``; ``None`` when disabled. Raises on failure.
 
-    The run id lives in ``run_dir/wandb_run_id.txt``, so a resumed run reuses it.
+    The run id lives in ``run_dir/wandb_run_id.txt``, so a resumed run reuses it. Every metric
+    is plotted against ``samples_seen`` (runs with different batch sizes compare).
     """
-    try:
-        mode = resolve_wandb_mode(options.mode)
-        if mode == "disabled":
-            return None
-        import wandb
-
-        quiet = wandb.Settings(silent=True, console="off")
-        wandb.setup(settings=quiet)  # also silences the credential messages before init's own
-        id_file = Path(run_dir) / RUN_ID_FILE
-        run_id = id_file.read_text(encoding="utf-8").strip() if id_file.exists() else None
-        run = wandb.init(
-            project=options.project,
-            entity=options.entity,
-            group=options.group,
-            job_type=options.job_type,
-            tags=list(options.tags),
-            name=options.name,
-            config=to_python(config or {}),
-            dir=str(run_dir),
-            id=run_id,
-            resume="allow",
-            mode=mode,
-            reinit="create_new",  # several runs per process (tests, in-process sweeps)
-            settings=quiet,
-        )
-        id_file.write_text(run.id + "\n", encoding="utf-8")
-        return run
-    except Exception as error:  # noqa: BLE001 - W&B must never stop training
-        _warn("init", error)
+    mode = resolve_wandb_mode(options.mode)
+    if mode == "disabled":
         return None
+    import wandb
+
+    settings = wandb.Settings(
+        silent=True,
+        console="off",
+        init_timeout=options.timeout_s,
+        finish_timeout=options.timeout_s,
+        finish_timeout_raises=True,
+    )
+    wandb.setup(settings=settings)  # also silences the credential messages before init's own
+    id_file = Path(run_dir) / RUN_ID_FILE
+    run_id = id_file.read_text(encoding="utf-8").strip() if id_file.exists() else None
+    run = wandb.init(
+        project=options.project,
+        entity=options.entity,
+        group=options.group,
+        job_type=options.job_type,
+        tags=list(dict.fromkeys(short_tag(t) for t in options.tags if str(t))),
+        name=options.name,
+        config=to_python(config or {}),
+        dir=str(run_dir),
+        id=run_id,
+        resume="allow",
+        mode=mode,
+        reinit="create_new",  # several runs per process (tests, in-process sweeps)
+        settings=settings,
+    )
+    id_file.write_text(run.id + "\n", encoding="utf-8")
+    run.define_metric(SAMPLES_SEEN_KEY)
+    run.define_metric("*", step_metric=SAMPLES_SEEN_KEY)
+    return run
+
+
+def sync_command(run: wandb.Run) -> str:
+    """The command that uploads a run's local copy (``wandb/run-*`` or ``offline-run-*``)."""
+    local = Path(run.dir).parent  # run.dir is <that dir>/files
+    online = "--include-online " if not run.offline else ""
+    return f"wandb sync {online}{local}"
 
 
 class Sink(Protocol):
@@ -251,23 +271,40 @@ class JsonlSink:
             self.samples.write({"step": step, **row})
 
     def summary(self, values: dict[str, Any]) -> None:
-        path = self.run_dir.summary
-        previous = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
-        merged = {**previous, **values}
-        atomic_write_text(path, json.dumps(_map_leaves(merged, _encode_nonfinite), indent=2) + "\n")
+        merge_summary(self.run_dir, values)
 
     def close(self) -> None:
         self.metrics.close()
         self.samples.close()
 
 
+def merge_summary(run_dir: RunDir, values: Mapping[str, Any]) -> None:
+    """Merge ``values`` into the run dir's ``summary.json`` (written whole or not at all)."""
+    path = run_dir.summary
+    previous = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
+    merged = {**previous, **to_python(values)}
+    atomic_write_text(path, json.dumps(_map_leaves(merged, _encode_nonfinite), indent=2) + "\n")
+
+
 class WandbSink:
-    """A W&B run (offline or online); any W&B failure warns once and turns this sink off."""
+    """A W&B run (offline or online). Any W&B failure turns this sink off and is kept as one
+    line in :attr:`problem`; :attr:`where` says where the run can be seen or how to upload it."""
 
     def __init__(
         self, run_dir: str | Path, options: WandbOptions, config: Mapping[str, Any] | None = None
     ) -> None:
-        self.run = init_wandb(run_dir, options, config)
+        self.options = options
+        self.problem: str | None = None
+        self.where: str | None = None
+        try:
+            self.run = init_wandb(run_dir, options, config)
+        except Exception as error:  # noqa: BLE001 - W&B must never stop training
+            self.run = None
+            self.problem = f"W&B init failed ({_one_line(error)}); this run is only in its run dir"
+        if self.run is not None:
+            url = self.run.url if not self.run.offline else None
+            offline = f"{WHERE_OFFLINE}{sync_command(self.run)}"
+            self.where = f"{WHERE_ONLINE}{url}" if url else offline
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
         self._call("log", lambda run: run.log(metrics, step=step))
@@ -279,10 +316,12 @@ class WandbSink:
             return
         columns = list(dict.fromkeys(column for row in rows for column in row))
 
+        columns = ["step", *(c for c in columns if c != "step")]
+
         def log_table(run: wandb.Run) -> None:
             import wandb
 
-            data = [[row.get(column) for column in columns] for row in rows]
+            data = [[row.get(column, step) for column in columns] for row in rows]
             run.log(
                 {key: wandb.Table(columns=columns, data=data, allow_mixed_types=True)}, step=step
             )
@@ -290,21 +329,53 @@ class WandbSink:
         self._call("table", log_table)
 
     def summary(self, values: dict[str, Any]) -> None:
-        self._call("summary", lambda run: run.summary.update(values))
+        """Nested dicts flattened: ``{"final": {"a/b": 1}}`` is ``final/a/b`` (W&B's panels and
+        sweeps read flat keys)."""
+        self._call("summary", lambda run: run.summary.update(flatten(values)))
 
     def close(self) -> None:
-        self._call("finish", lambda run: run.finish())
-        self.run = None
+        """Finish the W&B run, waiting at most ``timeout_s`` for the server (idempotent)."""
+        if self.run is None:
+            return
+        run, self.run = self.run, None
+        sync = sync_command(run)
+        try:
+            run.finish()
+        except TimeoutError:
+            self.problem = (
+                f"W&B did not receive the end of the run (no answer in "
+                f"{self.options.timeout_s:g} s); upload the local copy with: {sync}"
+            )
+        except Exception as error:  # noqa: BLE001 - W&B must never stop training
+            self.problem = f"W&B finish failed ({_one_line(error)}); upload with: {sync}"
 
     def _call(self, what: str, call: Callable[[wandb.Run], object]) -> None:
-        """Run ``call(run)``; on any error warn once and go on without W&B."""
+        """Run ``call(run)``; on any error keep one line and go on without W&B."""
         if self.run is None:
             return
         try:
             call(self.run)
         except Exception as error:  # noqa: BLE001 - W&B must never stop training
-            self.run = None
-            _warn(what, error)
+            run, self.run = self.run, None
+            self.problem = (
+                f"W&B {what} failed ({_one_line(error)}); W&B logging stopped there, the run dir "
+                f"has every step; upload the local copy later with: {sync_command(run)}"
+            )
+            try:
+                run.finish()
+            except Exception:  # noqa: BLE001 - already failing: the line above says so
+                pass
+
+
+def flatten(values: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """One level of keys: nested dicts joined with ``/``."""
+    flat: dict[str, Any] = {}
+    for key, value in values.items():
+        if isinstance(value, Mapping):
+            flat.update(flatten(value, f"{prefix}{key}/"))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 class RunLogger:
@@ -316,6 +387,20 @@ class RunLogger:
 
     def __init__(self, sinks: Sequence[Sink]) -> None:
         self.sinks = list(sinks)
+        self._shown: set[str] = set()
+
+    def notes(self) -> list[str]:
+        """Where each remote run lives, and each failure of a remote sink (one line each)."""
+        lines = []
+        for sink in self.sinks:
+            lines += [getattr(sink, "where", None), getattr(sink, "problem", None)]
+        return [line for line in lines if line]
+
+    def new_notes(self) -> list[str]:
+        """The :meth:`notes` not returned by an earlier call (so each is shown once)."""
+        fresh = [line for line in self.notes() if line not in self._shown]
+        self._shown.update(fresh)
+        return fresh
 
     @classmethod
     def open(
@@ -385,8 +470,17 @@ def read_offline_history(path: str | Path) -> list[dict[str, Any]]:
     ``.wandb`` transaction log (offline runs, and the local copy of online ones; a resumed run
     has one per segment) is read with ``wandb leet inspect --json``. Rows hold the logged keys
     plus ``_step``, ``_runtime``, ``_timestamp``; nested values such as tables are flattened
-    with dots (``samples._type``); non-finite values come back as floats.
+    with dots (``samples._type``); non-finite values come back as floats. Needs wandb ≥ 0.31
+    (the first with ``leet inspect --json``); dmtune itself runs on wandb ≥ 0.27.
     """
+    from importlib.metadata import version
+
+    installed = version("wandb")
+    if tuple(int(p) for p in re.findall(r"\d+", installed)[:2]) < (0, 31):
+        raise RuntimeError(
+            f"reading W&B's local logs needs `wandb leet inspect --json` (wandb >= 0.31); "
+            f"wandb {installed} is installed"
+        )
     path = Path(path)
     if path.is_file():
         files = [path]

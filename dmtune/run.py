@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import signal
 import statistics
+import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -21,6 +22,7 @@ from dmtune import estimators as est
 from dmtune import metrics as m
 from dmtune.build import LogIdentity, build_logger, build_trainer
 from dmtune.checkpoint import load_checkpoint, save_checkpoint
+from dmtune.loggers import merge_summary
 from dmtune.rundir import RunDir, atomic_write_text
 from dmtune.trainer import Trainer
 
@@ -70,7 +72,10 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
 
     train_cfg = cfg.train
     started, started_at, history = time.perf_counter(), time.time(), []
-    logger = build_logger(cfg, run_dir, LogIdentity(name=run.name), resume_step=resume_step)
+    overrides = tuple(run.saved_overrides()) if run.overrides_file.is_file() else ()
+    identity = LogIdentity(name=run.name, overrides=overrides)
+    logger = build_logger(cfg, run_dir, identity, resume_step=resume_step)
+    _show(logger.new_notes())  # where the W&B run is (or why there is none)
     with logger, _stop_on_signals() as stop:
         if resume_step in (None, NOTHING_KEPT):
             logger.log({m.SAMPLES_SEEN: 0, **calibration["metrics"], **_exact(trainer)}, step=0)
@@ -110,6 +115,11 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         )
         summary.update(started_at=started_at, finished_at=time.time(), diverged=diverged)
         logger.summary(summary)
+    # closed: a W&B server that did not answer in logger.timeout_s is one line, not a hang
+    summary["logging"] = logger.notes()  # where the W&B run is, and any W&B failure
+    summary["logging_unshown"] = logger.new_notes()  # the failures at the end
+    merge_summary(run, {"logging": summary["logging"]})
+
     if diverged or not kept:
         saved = f"step {trainer.step_count}'s" if kept else "the previous checkpoint's"
         raise DivergenceError(
@@ -124,6 +134,11 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     return summary
 
 
+def _show(lines: list[str]) -> None:
+    for line in lines:
+        tqdm.write(line, file=sys.stderr)
+
+
 def _exact(trainer: Trainer) -> dict[str, float]:
     return trainer.exact_metrics() if trainer.exact is not None else {}
 
@@ -135,6 +150,7 @@ def _sample_rows(trainer: Trainer, n: int) -> list[dict[str, Any]]:
     prompts = samples.contexts.prompts if samples.contexts is not None else None
     return [
         {
+            "samples_seen": trainer.samples_seen,  # the x-axis, beside the step W&B adds
             **({"prompt": prompts[i]} if prompts else {}),
             "text": text,
             "tokens": int(length),

@@ -231,13 +231,15 @@ def sample_run(
     top_p: float = 1.0,
     top_k: int = 0,
     seed: int = 0,
+    cfg: DictConfig | None = None,
 ) -> list[dict[str, Any]]:
-    """Fresh samples of a run's policy with their feature values and log π (any decoding)."""
+    """Fresh samples of a run's policy with their feature values and log π (any decoding);
+    ``cfg``: the run's config with overrides (another device or constraint set)."""
     import torch
 
     from dmtune.sampling import Decoding
 
-    run = load_run(run_dir)
+    run = load_run(run_dir, cfg)
     lm = run.lm
     decoding = Decoding(
         run.cfg.train.max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p

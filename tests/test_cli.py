@@ -136,6 +136,12 @@ def test_sample_prints_scored_samples_and_a_corrupt_checkpoint_is_a_clear_error(
     result = dmtune("sample", str(run_dir), "-n", "3")
     assert result.exit_code == 0, result.output
     assert len(result.stdout.strip().splitlines()) == 3 and "positive=" in result.stdout
+    # overrides as for eval: another device, or the samples scored by another constraint set
+    result = dmtune("sample", str(run_dir), "-n", "2", "device=cpu", "constraint=word")
+    assert result.exit_code == 0, result.output
+    assert len(result.stdout.strip().splitlines()) == 2 and "positive=" not in result.stdout
+    result = dmtune("sample", str(run_dir), "objective=dpg")
+    assert result.exit_code == 2 and "the model, objective and seed are the run's" in result.stderr
     checkpoint = run_dir / "checkpoints" / "last.pt"
     checkpoint.write_bytes(checkpoint.read_bytes()[:1000])
     metrics_before = (run_dir / "metrics.jsonl").read_text()
@@ -287,3 +293,19 @@ def test_paper_experiments_sweep_only_the_objectives_that_apply(experiment):
     assert ({"reinforce", "kl_control"} & set(objectives)) == (
         set() if distributional else {"reinforce", "kl_control"}
     )
+
+
+def test_version_completion_and_config_as_json():
+    from dmtune import __version__
+
+    result = dmtune("--version")
+    assert result.exit_code == 0 and result.stdout.strip() == f"dmtune {__version__}"
+    result = dmtune("--show-completion", "bash")
+    assert result.exit_code == 0 and "complete" in result.stdout and "dmtune" in result.stdout
+    result = dmtune("config", "--json", "experiment=toy")
+    assert result.exit_code == 0, result.output
+    config = json.loads(result.stdout)
+    assert config["model"]["name_or_path"] == "toy" and config["train"]["max_new_tokens"] == 4
+    named = ["experiment=toy", "logger.name=${experiment_name}_run"]
+    assert "name: ${experiment_name}_run" in dmtune("config", *named).stdout
+    assert "name: toy_run" in dmtune("config", "--resolve", *named).stdout

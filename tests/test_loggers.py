@@ -7,7 +7,6 @@ import math
 import shutil
 import subprocess
 import sys
-import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,7 +20,6 @@ from dmtune.loggers import (
     JsonlWriter,
     RunLogger,
     WandbOptions,
-    WandbWarning,
     read_jsonl,
     read_offline_history,
     resolve_wandb_mode,
@@ -105,15 +103,15 @@ def test_wandb_history_matches_what_was_logged(offline_run: Path) -> None:
         assert row["samples_seen"] == 4 * (row["_step"] + 1)
     # the table is merged into step 2's row, not a history row of its own
     assert history[2]["samples._type"] == "table-file"
-    assert (history[2]["samples.nrows"], history[2]["samples.ncols"]) == (2, 2)
+    assert (history[2]["samples.nrows"], history[2]["samples.ncols"]) == (2, 3)  # + step
 
 
 def test_samples_table_and_jsonl(offline_run: Path) -> None:
     assert read_jsonl(offline_run / "samples.jsonl") == [{"step": 2, **row} for row in SAMPLES]
     (table_file,) = (offline_run / "wandb").glob("offline-run-*/files/media/table/samples_*.json")
     table = json.loads(table_file.read_text())
-    assert table["columns"] == ["text", "sentiment"]
-    assert table["data"] == [[row["text"], row["sentiment"]] for row in SAMPLES]
+    assert table["columns"] == ["step", "text", "sentiment"]
+    assert table["data"] == [[2, row["text"], row["sentiment"]] for row in SAMPLES]
 
 
 def test_config_tags_and_summary_reach_wandb(offline_run: Path) -> None:
@@ -163,42 +161,60 @@ def test_disabled_writes_no_wandb_files(tmp_path: Path, monkeypatch: pytest.Monk
     assert read_jsonl(tmp_path / "run" / "metrics.jsonl") == [{"step": 0, "train/loss": 1.0}]
 
 
-def test_wandb_init_failure_warns_and_jsonl_carries_on(tmp_path: Path) -> None:
+def _problems(logger: RunLogger) -> list[str]:
+    return [line for line in logger.notes() if "failed" in line or "did not" in line]
+
+
+def test_wandb_init_failure_is_one_line_and_jsonl_carries_on(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     (run_dir / "wandb").write_text("a file where wandb wants its directory")
-    with pytest.warns(WandbWarning, match="init failed"):
-        logger = RunLogger.open(run_dir, OFFLINE)
+    logger = RunLogger.open(run_dir, OFFLINE)
     with logger:
         assert logger.wandb_run is None
         logger.log({"train/loss": 1.0}, step=0)
         logger.log_samples(SAMPLES, step=0)
+    problems = _problems(logger)
+    assert len(problems) == 1 and problems[0].startswith("W&B init failed (")
+    assert "\n" not in problems[0]
     assert read_jsonl(run_dir / "metrics.jsonl") == [{"step": 0, "train/loss": 1.0}]
 
 
-def test_invalid_wandb_mode_env_warns(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_invalid_wandb_mode_env_is_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("WANDB_MODE", "bogus")
-    with (
-        pytest.warns(WandbWarning, match="init failed"),
-        RunLogger.open(tmp_path / "run", OFFLINE) as logger,
-    ):
+    with RunLogger.open(tmp_path / "run", OFFLINE) as logger:
         logger.log({"train/loss": 1.0}, step=0)
+    assert [p.split(" (")[0] for p in _problems(logger)] == ["W&B init failed"]
     assert len(read_jsonl(tmp_path / "run" / "metrics.jsonl")) == 1
 
 
-def test_wandb_failure_mid_run_warns_once(tmp_path: Path) -> None:
+def test_wandb_failure_mid_run_is_one_line_with_the_sync_command(tmp_path: Path) -> None:
     logger = RunLogger.open(tmp_path / "run", OFFLINE)
     logger.log({"train/loss": 1.0}, step=0)
     assert logger.wandb_run is not None
+    where = logger.new_notes()
+    assert len(where) == 1 and where[0].startswith("W&B (offline): wandb sync ")
     logger.wandb_run.finish()  # the W&B run dies under the trainer: log() now raises
-    with pytest.warns(WandbWarning, match="log failed"):
-        logger.log({"train/loss": 0.5}, step=1)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", WandbWarning)  # once is enough
-        logger.log({"train/loss": 0.25}, step=2)
-        logger.close()
+    logger.log({"train/loss": 0.5}, step=1)
+    logger.log({"train/loss": 0.25}, step=2)
+    logger.close()
+    problems = _problems(logger)
+    assert len(problems) == 1 and problems[0].startswith("W&B log failed (")
+    assert "wandb sync " in problems[0] and logger.new_notes() == problems  # shown once
     losses = [row["train/loss"] for row in read_jsonl(tmp_path / "run" / "metrics.jsonl")]
     assert losses == [1.0, 0.5, 0.25]
+
+
+def test_tags_fit_wandb_and_nested_summaries_are_flat() -> None:
+    from dmtune.loggers import flatten, short_tag
+
+    assert short_tag("/data/models/" + "x" * 80 + "/smollm2-135m") == "smollm2-135m"
+    assert len(short_tag("y" * 100)) == 64 and short_tag("gpt2") == "gpt2"
+    assert flatten({"final": {"constraint/positive": 0.5}, "steps": 3}) == {
+        "final/constraint/positive": 0.5, "steps": 3,
+    }
 
 
 def test_auto_mode(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -88,7 +88,7 @@ def test_submitit_launches_the_jobs_of_a_sweep(tmp_path):
     runs = _run_dirs(tmp_path)
     assert [p.name for p in runs] == ["0_dpg_baseline_seed0", "1_dpg_baseline_seed1"]
     assert all([m["step"] for m in read_jsonl(p / "metrics.jsonl")] == [0, 1, 2, 3] for p in runs)
-    assert len({OmegaConf.load(p / ".hydra" / "config.yaml").logger.group for p in runs}) == 1
+    assert len({OmegaConf.load(p / ".hydra" / "config.yaml").logger.sweep for p in runs}) == 1
     # each job went through submitit
     assert len(list((tmp_path / ".submitit").glob("*/*_result.pkl"))) == 2
 

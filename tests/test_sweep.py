@@ -7,14 +7,16 @@ import json
 from omegaconf import OmegaConf
 from typer.testing import CliRunner
 
+from dmtune.build import default_group
 from dmtune.cli import app
 from dmtune.loggers import read_jsonl
+from dmtune.rundir import RunDir
 
 runner = CliRunner()
 TOY = ["experiment=toy", "train.fit_samples=64", "logger=none", "device.threads=1"]
 
 
-def test_a_2x2_sweep_writes_four_run_dirs_in_one_group(tmp_path):
+def test_a_2x2_sweep_writes_four_run_dirs_grouped_by_objective(tmp_path):
     result = runner.invoke(app, [
         "sweep", *TOY, "objective=dpg,dpg_baseline", "seed=0,1", "train.steps=3",
         f"hydra.sweep.dir={tmp_path}",
@@ -28,9 +30,13 @@ def test_a_2x2_sweep_writes_four_run_dirs_in_one_group(tmp_path):
     assert [(c.objective.name, c.seed) for c in configs] == [
         ("dpg", 0), ("dpg", 1), ("dpg_baseline", 0), ("dpg_baseline", 1)
     ]
-    assert len({c.logger.group for c in configs}) == 1 and configs[0].logger.group.startswith(
+    assert len({c.logger.sweep for c in configs}) == 1 and configs[0].logger.sweep.startswith(
         "sweep_"
     )
+    # W&B groups: the jobs that differ only in their seed
+    groups = [default_group(c, RunDir(p).saved_overrides()) for c, p in zip(configs, jobs)]
+    assert groups[0] == groups[1] != groups[2] == groups[3]
+    assert groups[0].startswith("toy:dpg,") and groups[2].startswith("toy:dpg_baseline,")
     histories = [read_jsonl(p / "metrics.jsonl") for p in jobs]
     assert all([m["step"] for m in h] == [0, 1, 2, 3] for h in histories)
     assert histories[0][1]["train/loss"] != histories[1][1]["train/loss"]  # the seeds differ

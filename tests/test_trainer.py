@@ -76,7 +76,7 @@ def test_kl_control_moves_toward_its_own_target_p_beta(prior):
         prior, Target(pointwise=(HAS_D,)), 300, objective="kl_control",
         objective_params={"beta": beta},
     )
-    space = trainer.exact_space
+    (space,) = trainer.exact.spaces  # one prompt: one enumerated space
     with torch.no_grad():
         log_prior, log_pi = space.log_probs(trainer.prior), space.log_probs(trainer.policy)
     log_p_beta = kl_control_log_target(log_prior, HAS_D(space.samples).double(), beta)
