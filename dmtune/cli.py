@@ -25,6 +25,7 @@ from dmtune.overrides import (
     CONF_DIR,
     ConfigError,
     claim_run_dir,
+    grid_size,
     group_options,
     resume_overrides,
     run_hydra_main,
@@ -42,6 +43,7 @@ hf_logging.disable_progress_bar()
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 EXIT_DIVERGED = 3
+SWEEP_JOBS_ENV = "DMTUNE_SWEEP_JOBS"  # a sweep's job count, for "job k/n" in each job
 
 app = typer.Typer(
     name="dmtune",
@@ -99,7 +101,12 @@ def _train_task(cfg: DictConfig) -> dict[str, float | None]:
     from dmtune.run import DivergenceError
     from dmtune.run import train as train_run
 
-    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    hydra_cfg = HydraConfig.get()
+    run_dir = Path(hydra_cfg.runtime.output_dir)
+    if total := os.environ.get(SWEEP_JOBS_ENV):  # a sweep: say which job this is
+        hidden = ("logger.sweep=", "device.threads=")
+        shown = [o for o in hydra_cfg.overrides.task if not o.startswith(hidden)]
+        typer.echo(f"job {hydra_cfg.job.num + 1}/{total}: {' '.join(shown)}", err=True)
     try:
         summary = train_run(cfg, run_dir)
     except DivergenceError as error:
@@ -202,7 +209,7 @@ def sweep(
     ),
     overrides: Optional[List[str]] = OVERRIDES,
 ) -> None:
-    """Run a grid of trainings (Hydra multirun): one run dir per job, one W&B group per sweep.
+    """Run a grid of trainings (Hydra multirun): one run dir per job, then a table of them.
 
     \b
     Sweep syntax is Hydra's: a,b,c lists, range(start,stop), glob(pattern) over a group;
@@ -257,7 +264,44 @@ def sweep(
         overrides = claim_run_dir(overrides, multirun=True)
     except ConfigError as error:
         fail(str(error))
-    run_hydra_main(_train_task, overrides, multirun=True)
+    if not optuna:  # a grid: its size is known (a search's trials are the sweeper's)
+        os.environ[SWEEP_JOBS_ENV] = str(grid_size(overrides))  # launchers' workers inherit it
+    try:
+        run_hydra_main(_train_task, overrides, multirun=True)
+    finally:
+        os.environ.pop(SWEEP_JOBS_ENV, None)
+    sweep_dir = next(o.split("=", 1)[1] for o in overrides if o.startswith("hydra.sweep.dir="))
+    print_sweep_table(Path(sweep_dir))
+
+
+def print_sweep_table(sweep_dir: Path) -> None:
+    """The jobs' end-of-run figures side by side (``dmtune compare`` has seeds' means ± std)."""
+    rows = []
+    for summary_file in sorted(sweep_dir.glob("*/summary.json"), key=_job_number):
+        summary = json.loads(summary_file.read_text())
+        final = summary.get("final", {})
+        figures = {k: v for k, v in final.items() if m.is_constraint_rate(k)}
+        figures.update({k: final.get(k) for k in m.SHOWN[:2]})
+        rows.append((summary_file.parent.name, figures))
+    if not rows:
+        return
+    keys = list(dict.fromkeys(k for _, figures in rows for k in figures))
+    width = max(len(name) for name, _ in rows)
+    short = [k.split("/", 1)[1] for k in keys]
+    lines = [f"\n{'job':<{width}}  " + "  ".join(f"{s:>18}" for s in short)]
+    for name, figures in rows:
+        cells = [figures.get(k) for k in keys]
+        lines.append(
+            f"{name:<{width}}  "
+            + "  ".join(f"{'n/a' if v is None else f'{v:.3f}':>18}" for v in cells)
+        )
+    lines.append(f"compare them: dmtune compare {sweep_dir}")
+    typer.echo("\n".join(lines))
+
+
+def _job_number(path: Path) -> tuple[int, str]:
+    head = path.parent.name.split("_", 1)[0]
+    return (int(head), path.parent.name) if head.isdigit() else (1 << 30, path.parent.name)
 
 
 def _sweep_jobs(overrides: list[str], searching: bool) -> list[list[str]]:

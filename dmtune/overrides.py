@@ -7,6 +7,7 @@ ones) and never exits: the CLI prints the line, library code and benchmarks catc
 from __future__ import annotations
 
 import difflib
+import math
 import re
 import sys
 from collections.abc import Callable
@@ -207,6 +208,22 @@ def sweep_jobs(overrides: list[str], searching: bool = False) -> list[list[str]]
     would; ``interval()`` (only for a searching sweeper) by its two ends; ``hydra...``
     overrides are left to Hydra.
     """
+    base, swept = _swept(overrides, searching)
+    jobs = [base]
+    for index, key, values in swept:
+        jobs += [[*base[:index], f"{key}={value}", *base[index + 1 :]] for value in values[1:]]
+    return jobs
+
+
+def grid_size(overrides: list[str]) -> int:
+    """How many jobs a grid sweep runs: the product of each swept key's number of values."""
+    return math.prod(len(values) for _, _, values in _swept(overrides, False)[1])
+
+
+def _swept(
+    overrides: list[str], searching: bool
+) -> tuple[list[str], list[tuple[int, str, list[str]]]]:
+    """(every override at its first value, [(position, key, values)] of the swept ones)."""
     try:
         parsed = [
             o
@@ -234,10 +251,7 @@ def sweep_jobs(overrides: list[str], searching: bool = False) -> list[list[str]]
             base.append(f"{key}={values[0]}")
         else:
             base.append(override.input_line)
-    jobs = [base]
-    for index, key, values in swept:
-        jobs += [[*base[:index], f"{key}={value}", *base[index + 1 :]] for value in values[1:]]
-    return jobs
+    return base, swept
 
 
 def _sweep_values(override: Override, key: str, overrides: list[str]) -> list[str]:

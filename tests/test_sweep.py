@@ -22,6 +22,13 @@ def test_a_2x2_sweep_writes_four_run_dirs_grouped_by_objective(tmp_path):
         f"hydra.sweep.dir={tmp_path}",
     ])
     assert result.exit_code == 0, result.output
+    # each job says which it is, and a table of the jobs closes the sweep
+    said = [line.split(":")[0] for line in result.stderr.splitlines() if line.startswith("job ")]
+    assert said == ["job 1/4", "job 2/4", "job 3/4", "job 4/4"]
+    table = result.stdout[result.stdout.index("\njob "):].splitlines()
+    assert [row.split()[0] for row in table[2:6]] == [
+        "0_dpg_seed0", "1_dpg_seed1", "2_dpg_baseline_seed0", "3_dpg_baseline_seed1"
+    ]
     jobs = sorted(p for p in tmp_path.iterdir() if p.is_dir())
     assert [p.name for p in jobs] == [
         "0_dpg_seed0", "1_dpg_seed1", "2_dpg_baseline_seed0", "3_dpg_baseline_seed1"
