@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import List, Optional
 
 import typer
+from omegaconf import DictConfig
 
 from dmtune.cli import fail
 from dmtune.overrides import ConfigError, eval_config
@@ -21,6 +22,14 @@ TEMPERATURE = typer.Option(1.0, help="Sampling temperature (1 = the policy's own
 TOP_P = typer.Option(1.0, help="Nucleus sampling mass (1 = off).")
 TOP_K = typer.Option(0, help="Top-k sampling (0 = off).")
 
+
+
+def _run_config(run_dir: Path, overrides: list[str]) -> DictConfig | None:
+    """The run's config with ``overrides`` applied (None without any), or one ``error:`` line."""
+    try:
+        return eval_config(run_dir, overrides) if overrides else None
+    except ConfigError as error:
+        fail(str(error))
 
 
 def evaluate(
@@ -65,10 +74,7 @@ def evaluate(
     from dmtune.rundir import RunDir
 
     overrides = list(overrides or [])
-    try:
-        cfg = eval_config(run_dir, overrides) if overrides else None
-    except ConfigError as error:
-        fail(str(error))
+    cfg = _run_config(run_dir, overrides)
     try:
         report = evaluate_run(
             run_dir,
@@ -115,10 +121,7 @@ def sample(
     from dmtune.rundir import sample_run
 
     overrides = list(overrides or [])
-    try:
-        cfg = eval_config(run_dir, overrides) if overrides else None
-    except ConfigError as error:
-        fail(str(error))
+    cfg = _run_config(run_dir, overrides)
     try:
         rows = sample_run(
             run_dir, n=n, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, cfg=cfg

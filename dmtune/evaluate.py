@@ -175,13 +175,12 @@ def _log(
 ) -> None:
     """The evaluation's own log dir (``eval/``): a ``job_type=eval`` run in the training run's
     group."""
-    overrides = tuple(run_dir.saved_overrides()) if run_dir.overrides_file.is_file() else ()
     identity = LogIdentity(
         name=f"{run_dir.name}-{name}",
         job_type="eval",
         tags=("eval",),
         wandb_mode=mode,
-        overrides=overrides,  # the training run's: an eval run joins its group
+        overrides=run_dir.launch_overrides(),  # the training run's: an eval joins its group
     )
     with build_logger(cfg, run_dir.path / name, identity) as logger:
         finite = {k: v for k, v in report["metrics"].items() if math.isfinite(v)}

@@ -72,8 +72,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
 
     train_cfg = cfg.train
     started, started_at, history = time.perf_counter(), time.time(), []
-    overrides = tuple(run.saved_overrides()) if run.overrides_file.is_file() else ()
-    identity = LogIdentity(name=run.name, overrides=overrides)
+    identity = LogIdentity(name=run.name, overrides=run.launch_overrides())
     logger = build_logger(cfg, run_dir, identity, resume_step=resume_step)
     _show(logger.new_notes())  # where the W&B run is (or why there is none)
     with logger, _stop_on_signals() as stop:

@@ -129,6 +129,10 @@ class RunDir:
             saved = [o for o in hydra if o.startswith("hydra.searchpath=")] + saved
         return [o for o in saved if not o.startswith(("resume=", "hydra.run.dir="))]
 
+    def launch_overrides(self) -> tuple[str, ...]:
+        """:meth:`saved_overrides`, or none for a run started from Python (no ``.hydra/``)."""
+        return tuple(self.saved_overrides()) if self.overrides_file.is_file() else ()
+
     def read_calibration(self) -> dict[str, Any]:
         return json.loads(self.calibration.read_text())
 
