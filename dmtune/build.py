@@ -104,7 +104,8 @@ def trainer_config(cfg: DictConfig) -> TrainerConfig:
     objective, params = objective_name_and_params(cfg)
     train = OmegaConf.to_container(cfg.train, resolve=True)
     return TrainerConfig(
-        **train, objective=objective, objective_params=params, exact=is_exact(cfg), seed=cfg.seed
+        **train, objective=objective, objective_params=params, exact=is_exact(cfg), seed=cfg.seed,
+        lora=cfg.model.lora if cfg.model.lora.r > 0 else None,
     )
 
 

@@ -29,9 +29,21 @@ class ToyConfig:
 
 
 @dataclass
+class LoraConfig:
+    # LoRA (peft): r > 0 trains low-rank adapters on the prior's own weights (one copy in
+    # memory; the prior is the model with adapters off). 0: full fine-tuning
+    r: int = 0
+    alpha: float = 16.0  # scale alpha / r of the adapters' update
+    dropout: float = 0.0  # in the update's forward/backward only (sampling and scoring: none)
+    target_modules: Optional[List[str]] = None  # None: peft's default for the architecture
+    save_merged: bool = False  # also write policy/merged/, the prior with the adapters merged
+
+
+@dataclass
 class ModelConfig:
     name_or_path: str = "tiny"  # tiny (embedded), toy, smollm2, a hub name or a local path
     toy: ToyConfig = field(default_factory=ToyConfig)  # used when name_or_path=toy
+    lora: LoraConfig = field(default_factory=LoraConfig)
 
 
 @dataclass
@@ -62,6 +74,13 @@ class TrainConfig:
     prompt_field: str = "prompt"  # the JSONL key or dataset column holding the prompt
     prompt_split: str = "train"  # the dataset split to train on
     samples_per_prompt: int = 8  # each step draws batch_size / samples_per_prompt prompts
+    # samples per forward/backward pass of scoring and the update (in micro-batches, each cut to
+    # its longest sequence; the loss and metrics are still the whole batch's): bounds a step's
+    # activations and logits. 0: the whole batch in one pass
+    micro_batch_size: int = 64
+    # samples drawn at once (0: the whole batch; the samples are the same either way): bounds
+    # the KV cache, which the whole batch's decoding holds
+    sample_micro_batch_size: int = 0
     eval_prompts: Optional[str] = None  # held-out prompts for dmtune eval (default: train.prompts)
     eval_split: Optional[str] = None  # ... or another split of the same dataset
     lr: float = 3e-4  # tuned on the 2.6M tiny prior (1e-3 diverges); ~1e-5 suits 100M+ priors
@@ -135,7 +154,10 @@ AT_LEAST_ONE = (
     "steps", "batch_size", "max_new_tokens", "fit_samples", "log_every", "eval_every",
     "checkpoint_every", "max_bad_steps", "samples_per_prompt",
 )
-AT_LEAST_ZERO = ("lr", "weight_decay", "warmup_steps", "grad_clip", "logged_samples")
+AT_LEAST_ZERO = (
+    "lr", "weight_decay", "warmup_steps", "grad_clip", "logged_samples", "micro_batch_size",
+    "sample_micro_batch_size",
+)
 
 
 def validate(cfg: DictConfig) -> None:
@@ -144,6 +166,7 @@ def validate(cfg: DictConfig) -> None:
     _check_objective(cfg)
     _check_constraint(cfg)
     _check_train(cfg)
+    _check_lora(cfg)
     _check_device_and_logger(cfg)
 
 
@@ -220,6 +243,24 @@ def _check_train(cfg: DictConfig) -> None:
             f"train.max_new_tokens={train.max_new_tokens} does not fit the context of "
             f"model {cfg.model.name_or_path} ({context} positions for BOS, prompt and sample); "
             f"use at most {context - 1}"
+        )
+
+
+def _check_lora(cfg: DictConfig) -> None:
+    lora = cfg.model.lora
+    if lora.r < 0:
+        raise ValueError(f"model.lora.r={lora.r} must be at least 0 (0: no LoRA)")
+    if lora.r == 0:
+        return
+    if not lora.alpha > 0:
+        raise ValueError(f"model.lora.alpha={lora.alpha} must be positive")
+    if not 0 <= lora.dropout < 1:
+        raise ValueError(f"model.lora.dropout={lora.dropout} must be in [0, 1)")
+    import importlib.util
+
+    if importlib.util.find_spec("peft") is None:
+        raise ValueError(
+            f"model.lora.r={lora.r} needs peft: pip install \"dmtune[lora]\" (or pip install peft)"
         )
 
 

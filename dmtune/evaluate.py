@@ -23,7 +23,7 @@ from dmtune import metrics as m
 from dmtune.build import LogIdentity, build_logger, is_exact
 from dmtune.exact import ExactOracle, exact_spaces
 from dmtune.prompts import Contexts, join_contexts
-from dmtune.rundir import LoadedRun, RunDir, eval_name, load_run
+from dmtune.rundir import LoadedRun, RunDir, eval_name, load_run, micro_batch_sizes
 from dmtune.sampling import Decoding
 
 
@@ -39,14 +39,17 @@ def _draw(
     texts, parts = [], {"log_q": [], "log_pi": [], "log_prior": [], "log_target": []}
     by_name: dict[str, list[torch.Tensor]] = {}
     contexts = []
+    micro, sample_micro = micro_batch_sizes(run.cfg)
     for start in range(0, n, run.cfg.train.batch_size):
         size = min(run.cfg.train.batch_size, n - start)
         context = lm.draw_contexts(size, prompt_generator)
-        batch = lm.sample(size, decoding, generator, model=model, contexts=context)
+        batch = lm.sample(
+            size, decoding, generator, model=model, contexts=context, micro_batch_size=sample_micro
+        )
         if context is not None:
             contexts.append(context.to("cpu"))
-        log_prior = lm.log_probs(batch).double()
-        log_pi = lm.log_probs(batch, model=run.policy).double()
+        log_prior = lm.log_probs(batch, micro_batch_size=micro).double()
+        log_pi = lm.log_probs(batch, model=run.policy, micro_batch_size=micro).double()
         scores = target.score(batch)
         parts["log_q"].append(batch.log_q.double())
         parts["log_pi"].append(log_pi)

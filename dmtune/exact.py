@@ -20,6 +20,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerFast
 
 from dmtune import metrics as m
 from dmtune.lm import encode_prompts, filler_token_id, sequence_log_probs
+from dmtune.lora import using
 from dmtune.objectives import Batch
 from dmtune.prompts import Contexts
 from dmtune.sampling import Samples, decode_texts
@@ -93,12 +94,13 @@ class ExactSpace:
     def log_probs(self, model: PreTrainedModel) -> torch.Tensor:
         """``log model(x)`` for every sequence: (n,), differentiable when grad is enabled."""
         s = self.samples
-        chunks = [
-            sequence_log_probs(
-                model, s.prompt_ids[i:j], s.prompt_mask[i:j], s.tokens[i:j], s.mask[i:j]
-            )
-            for i, j in _chunks(len(s), _SCORING_CHUNK)
-        ]
+        with using(model) as network:
+            chunks = [
+                sequence_log_probs(
+                    network, s.prompt_ids[i:j], s.prompt_mask[i:j], s.tokens[i:j], s.mask[i:j]
+                )
+                for i, j in _chunks(len(s), _SCORING_CHUNK)
+            ]
         return torch.cat(chunks)
 
 

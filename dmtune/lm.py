@@ -23,8 +23,17 @@ import torch.nn.functional as F
 from transformers import PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
+from dmtune.lora import using
 from dmtune.prompts import Contexts, PromptSet
-from dmtune.sampling import Decoding, Samples, at_least_float32, position_ids_from_mask, sample
+from dmtune.sampling import (
+    Decoding,
+    Samples,
+    at_least_float32,
+    join_samples,
+    micro_batches,
+    position_ids_from_mask,
+    sample,
+)
 
 HALF_DTYPES = (torch.bfloat16, torch.float16)
 
@@ -181,9 +190,11 @@ class LM:
         *,
         model: PreTrainedModel | None = None,
         contexts: Contexts | None = None,
+        micro_batch_size: int = 0,
     ) -> Samples:
         """``n`` continuations drawn from ``model`` (default: this LM's), of the prompt or, with
-        ``contexts``, of each row's prompt."""
+        ``contexts``, of each row's prompt; ``micro_batch_size`` rows at a time (0: all at once,
+        the same samples either way)."""
         if contexts is None:
             prompt_ids, prompt_mask = self.encode_prompts(n)
         else:
@@ -192,28 +203,76 @@ class LM:
             prompt_ids, prompt_mask = encode_prompts(
                 self.tokenizer, list(contexts.prompts), self.filler_id, self.device
             )
-        with self.autocast():
-            samples = sample(
-                model or self.model,
-                self.tokenizer,
-                prompt_ids,
-                prompt_mask,
-                decoding,
-                self.filler_id,
-                generator,
-            )
+        uniforms = torch.rand(
+            (n, decoding.max_new_tokens), generator=generator, dtype=torch.float64,
+            device=self.device,
+        )
+        parts = []
+        with self.autocast(), using(model or self.model) as network:
+            for rows in torch.arange(n, device=self.device).split(micro_batch_size or n):
+                parts.append(
+                    sample(
+                        network,
+                        self.tokenizer,
+                        prompt_ids[rows],
+                        prompt_mask[rows],
+                        decoding,
+                        self.filler_id,
+                        uniforms=uniforms[rows],
+                    )
+                )
+        samples = join_samples(parts, self.filler_id)
         if contexts is not None:
             samples.contexts = contexts.to(samples.tokens.device)
         return samples
 
-    def log_probs(self, samples: Samples, *, model: PreTrainedModel | None = None) -> torch.Tensor:
-        """``log model(x | prompt)`` of each sample, (batch,), at least float32; grad if enabled."""
-        with self.autocast():
+    def log_probs(
+        self,
+        samples: Samples,
+        *,
+        model: PreTrainedModel | None = None,
+        micro_batch_size: int = 0,
+    ) -> torch.Tensor:
+        """``log model(x | prompt)`` of each sample, (batch,), at least float32; grad if enabled.
+
+        With ``micro_batch_size``, without grad, the forward passes take that many samples at
+        a time, each cut to its longest sequence: full-vocabulary logits exist for one
+        micro-batch only. (With grad, :meth:`backward` is the micro-batched pass.)
+        """
+        if micro_batch_size and not torch.is_grad_enabled():
+            parts = [
+                (rows, self.log_probs(samples.select(rows), model=model))
+                for rows in micro_batches(samples, micro_batch_size)
+            ]
+            values = parts[0][1].new_empty(len(samples))
+            for rows, part in parts:
+                values[rows] = part
+            return values
+        with self.autocast(), using(model or self.model) as network:
             log_probs = sequence_log_probs(
-                model or self.model,
+                network,
                 samples.prompt_ids,
                 samples.prompt_mask,
                 samples.tokens,
                 samples.mask,
             )
         return log_probs.float() if log_probs.dtype in HALF_DTYPES else log_probs
+
+    def backward(
+        self,
+        samples: Samples,
+        weights: torch.Tensor,
+        *,
+        model: PreTrainedModel,
+        micro_batch_size: int = 0,
+    ) -> None:
+        """Accumulate ``∇ Σ_i weights_i · log model(x_i)`` into ``model``'s gradients, one
+        micro-batch of samples at a time (shortest first, each cut to its longest sequence).
+
+        A loss that depends on the parameters only through the sequence log-probs has the
+        gradient ``Σ_i (∂loss/∂log π_i) ∇ log π_i``: with those partials as ``weights`` this is
+        the whole batch's gradient, while memory holds one micro-batch's activations.
+        """
+        for rows in micro_batches(samples, micro_batch_size):
+            part = self.log_probs(samples.select(rows), model=model)
+            (weights[rows].to(part.dtype) * part).sum().backward()

@@ -128,8 +128,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             f"device.dtype=float32 (now {cfg.device.dtype})"
         )
     if stop.signal is None:
-        trainer.policy.save_pretrained(run.policy)
-        trainer.tokenizer.save_pretrained(run.policy)
+        trainer.save_policy(run.policy)
     return summary
 
 

@@ -172,6 +172,15 @@ class LoadedRun:
     generator_state: torch.Tensor  # the sampler's RNG at the checkpoint
 
 
+def micro_batch_sizes(cfg: DictConfig) -> tuple[int, int]:
+    """(scoring, sampling) micro-batch sizes of a run's config; runs saved before dmtune had
+    them score and sample whole batches."""
+    return (
+        OmegaConf.select(cfg, "train.micro_batch_size", default=0),
+        OmegaConf.select(cfg, "train.sample_micro_batch_size", default=0),
+    )
+
+
 def load_run(run_dir: str | Path, cfg: DictConfig | None = None) -> LoadedRun:
     """Rebuild a run's policy, prior and target from its saved config (or ``cfg``) and checkpoint.
 
@@ -180,6 +189,7 @@ def load_run(run_dir: str | Path, cfg: DictConfig | None = None) -> LoadedRun:
     """
     import torch
 
+    from dmtune import lora
     from dmtune.build import build_lm, build_target
     from dmtune.checkpoint import load_checkpoint
     from dmtune.lm import frozen_copy
@@ -192,12 +202,23 @@ def load_run(run_dir: str | Path, cfg: DictConfig | None = None) -> LoadedRun:
     lm = build_lm(cfg, evaluation=True)
     target = build_target(cfg, lm.tokenizer)
     state = load_checkpoint(run.checkpoint, map_location=lm.device)
-    policy = frozen_copy(lm.model).float()
-    policy.load_state_dict(state["policy"])
-    proposal = None
-    if state.get("proposal") is not None:
-        proposal = frozen_copy(policy)
-        proposal.load_state_dict(state["proposal"])
+    with_proposal = state.get("proposal") is not None
+    options = OmegaConf.select(cfg, "model.lora")
+    if options is not None and options.r > 0:  # one network: the prior is it with adapters off
+        policy = lora.wrap(lm.model, options, proposal=with_proposal)
+        lora.load_adapter_state(policy, state["policy"])
+        lm.model = lora.AdapterView(policy, None)
+        proposal = None
+        if with_proposal:
+            lora.load_adapter_state(policy, state["proposal"], lora.PROPOSAL)
+            proposal = lora.AdapterView(policy, lora.PROPOSAL)
+    else:
+        policy = frozen_copy(lm.model).float()
+        policy.load_state_dict(state["policy"])
+        proposal = None
+        if with_proposal:
+            proposal = frozen_copy(policy)
+            proposal.load_state_dict(state["proposal"])
     target.lambdas, target.fitted = state["lambdas"], state["target_fitted"]
     log_z = RunningLogZ()
     log_z.load_state_dict(state["log_z"])
@@ -253,10 +274,13 @@ def sample_run(
     contexts = None
     if lm.prompts is not None:
         contexts = lm.prompts.draw(n, torch.Generator().manual_seed(seed), samples_per_prompt=1)
-    samples = lm.sample(n, decoding, generator, model=run.policy, contexts=contexts)
+    micro, sample_micro = micro_batch_sizes(run.cfg)
+    samples = lm.sample(
+        n, decoding, generator, model=run.policy, contexts=contexts, micro_batch_size=sample_micro
+    )
     scores = run.target.score(samples)
     with torch.no_grad():
-        log_pi = lm.log_probs(samples, model=run.policy)
+        log_pi = lm.log_probs(samples, model=run.policy, micro_batch_size=micro)
     columns = {name: values.tolist() for name, values in scores.by_name.items()}
     prompts = contexts.prompts if contexts is not None else None
     return [

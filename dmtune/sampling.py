@@ -25,7 +25,8 @@ _DONE_CHECK_EVERY = 4
 def cache_argument(model: PreTrainedModel) -> str:
     """The keyword a model's forward takes its KV cache by: ``cache`` from transformers 5.x on
     (where ``past_key_values`` is deprecated), ``past_key_values`` before."""
-    parameters = inspect.signature(model.forward).parameters
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft
+    parameters = inspect.signature(base.forward).parameters
     return "cache" if "cache" in parameters else "past_key_values"
 
 
@@ -83,6 +84,69 @@ class Samples:
     def __len__(self) -> int:
         return self.tokens.shape[0]
 
+    def select(self, rows: torch.Tensor) -> Samples:
+        """The samples at ``rows``, their columns cut to the longest of them (a micro-batch)."""
+        rows = rows.to(self.tokens.device)
+        mask = self.mask[rows]
+        width = max(int(mask.sum(-1).max()), 1) if len(rows) else 0
+        prompt_mask = self.prompt_mask[rows]
+        # left padding that none of these prompts needs is dropped too
+        start = int((prompt_mask.sum(0) == 0).long().cumprod(0).sum())
+        contexts = None
+        if self.contexts is not None:
+            index = self.contexts.index[rows]
+            prompts = tuple(self.contexts.prompts[i] for i in rows.tolist())
+            contexts = Contexts(prompts, index, self.contexts.n_groups)
+        return Samples(
+            self.prompt_ids[rows, start:],
+            prompt_mask[:, start:],
+            self.tokens[rows, :width],
+            mask[:, :width],
+            self.log_q[rows],
+            [self.texts[i] for i in rows.tolist()],
+            contexts,
+        )
+
+
+def join_samples(parts: list[Samples], filler_id: int) -> Samples:
+    """One batch of several, in order: prompts re-padded on the left, tokens on the right."""
+    if len(parts) == 1:
+        return parts[0]
+
+    def pad(tensors: list[torch.Tensor], value: int, left: bool) -> torch.Tensor:
+        width = max(t.shape[1] for t in tensors)
+        padded = []
+        for t in tensors:
+            fill = t.new_full((t.shape[0], width - t.shape[1]), value)
+            padded.append(torch.cat([fill, t] if left else [t, fill], 1))
+        return torch.cat(padded)
+
+    contexts = None
+    if parts[0].contexts is not None:
+        contexts = Contexts(
+            tuple(p for part in parts for p in part.contexts.prompts),
+            torch.cat([part.contexts.index for part in parts]),
+            parts[0].contexts.n_groups,
+        )
+    return Samples(
+        pad([p.prompt_ids for p in parts], filler_id, left=True),
+        pad([p.prompt_mask for p in parts], 0, left=True),
+        pad([p.tokens for p in parts], filler_id, left=False),
+        pad([p.mask for p in parts], 0, left=False),
+        torch.cat([p.log_q for p in parts]),
+        [text for p in parts for text in p.texts],
+        contexts,
+    )
+
+
+def micro_batches(samples: Samples, size: int) -> list[torch.Tensor]:
+    """Rows of ``samples`` in groups of at most ``size`` (0: all), shortest sequences first, so
+    that each group cut to its own longest sequence carries little padding."""
+    n = len(samples)
+    size = n if size <= 0 else size
+    order = samples.mask.sum(-1).argsort(stable=True)
+    return list(order.split(size))
+
 
 def warp_logits(logits: torch.Tensor, decoding: Decoding) -> torch.Tensor:
     """Apply temperature, top-k and top-p to (batch, vocab) logits."""
@@ -113,6 +177,31 @@ def decode_texts(
     return tokenizer.batch_decode(rows, skip_special_tokens=False)
 
 
+def draw_tokens(logits: torch.Tensor, uniforms: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One token per row of ``logits`` (batch, vocab) by inversion of the CDF, and its log-prob.
+
+    ``uniforms`` (batch,) in [0, 1) pick the token: the first whose cumulative mass exceeds
+    ``u × total``. One random number per row instead of one per vocabulary entry
+    (``torch.multinomial`` draws an exponential per entry, the bulk of a small model's decode
+    step on a CPU); one exp and one cumsum over the vocabulary. The log-prob is
+    ``logit − max − log Σ exp(logit − max)``, the exact log-softmax of the drawn token.
+    A row with NaN or infinite logits is drawn uniformly and gets a NaN log-prob: sampling goes
+    on, and the trainer skips the step.
+    """
+    top = logits.amax(-1, keepdim=True)
+    weights = (logits - top).exp_().nan_to_num_(nan=1.0)  # in [0, 1]; 1 at the largest logit
+    log_total = weights.sum(-1, keepdim=True).log()
+    cdf = weights.cumsum_(-1)
+    total = cdf[:, -1:]
+    # u × total can round up to total; just below it, the draw still lands on a token of mass
+    threshold = torch.minimum(
+        uniforms[:, None].to(cdf.dtype) * total, torch.nextafter(total, torch.zeros_like(total))
+    )
+    token = torch.searchsorted(cdf, threshold, right=True)
+    log_prob = (logits.gather(-1, token) - top - log_total).squeeze(-1)
+    return token.squeeze(-1), log_prob
+
+
 @torch.no_grad()
 def sample(
     model: PreTrainedModel,
@@ -122,26 +211,38 @@ def sample(
     decoding: Decoding,
     filler_id: int,
     generator: torch.Generator | None = None,
+    uniforms: torch.Tensor | None = None,
 ) -> Samples:
     """Draw one continuation per prompt row, with the model's KV cache.
 
     One forward over the prompts, then one single-token forward per new token; the log-prob
     of each drawn token under the sampling distribution is added to ``log_q`` as we go, so no
-    scoring pass is needed for the proposal.
+    scoring pass is needed for the proposal. Rows that have ended (EOS) leave the batch and its
+    KV cache, so the model only runs on live sequences. The random numbers are fixed up front,
+    one per row and position (``uniforms``, (batch, max_new_tokens), drawn from ``generator``
+    when not given): a row's draws do not depend on which rows share its batch, so sampling a
+    batch whole or in micro-batches gives the same samples.
     """
     batch, prompt_len = prompt_ids.shape
     device = prompt_ids.device
     eos = tokenizer.eos_token_id
     max_new = decoding.max_new_tokens
+    if uniforms is None:
+        uniforms = torch.rand(
+            (batch, max_new), generator=generator, dtype=torch.float64, device=device
+        )
 
     tokens = torch.full((batch, max_new), filler_id, dtype=torch.long, device=device)
     mask = torch.zeros((batch, max_new), dtype=torch.long, device=device)
     log_q = torch.zeros(batch, dtype=torch.promote_types(model.dtype, torch.float32), device=device)
-    alive = torch.ones(batch, dtype=torch.bool, device=device)
     attention = torch.cat(
         [prompt_mask, torch.ones((batch, max_new), dtype=prompt_mask.dtype, device=device)], 1
     )
     positions = position_ids_from_mask(attention)  # (batch, prompt_len + max_new)
+    rows = torch.arange(batch, device=device)  # the batch row of each sequence still running
+    alive = torch.ones(batch, dtype=torch.bool, device=device)
+    # a CPU syncs for free; a GPU checks for ended rows every few tokens
+    check_every = 1 if device.type == "cpu" else _DONE_CHECK_EVERY
 
     cache = DynamicCache(config=model.config)
     with_cache = {cache_argument(model): cache, "use_cache": True}
@@ -154,20 +255,25 @@ def sample(
     )
     length = 0
     for t in range(max_new):
-        logits = warp_logits(at_least_float32(out.logits[:, -1]), decoding)  # (batch, vocab)
-        logp = logits.log_softmax(-1)
-        # A diverged model's row (NaN or inf logits) is NaN throughout after log-softmax: draw it
-        # uniformly so that sampling goes on; its log q becomes NaN and the trainer skips the step.
-        probs = logp.exp().nan_to_num_(nan=1.0)
-        token = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+        logits = warp_logits(at_least_float32(out.logits[:, -1]), decoding)  # (rows, vocab)
+        token, log_prob = draw_tokens(logits, uniforms[rows, t])
         token = torch.where(alive, token, filler_id)
-        log_q += torch.where(alive, logp.gather(-1, token[:, None]).squeeze(-1), 0.0)
-        tokens[:, t] = token
-        mask[:, t] = alive.long()
+        tokens[rows, t] = token
+        mask[rows, t] = alive.long()
+        log_q[rows] += torch.where(alive, log_prob, 0.0)
         alive = alive & (token != eos)
         length = t + 1
-        if t + 1 == max_new or ((t + 1) % _DONE_CHECK_EVERY == 0 and not alive.any()):
+        if t + 1 == max_new:
             break
+        if (t + 1) % check_every == 0:
+            running = int(alive.sum())
+            if running == 0:
+                break
+            if running < len(rows):  # drop the ended rows from the batch and the cache
+                keep = alive.nonzero().squeeze(-1)
+                cache.batch_select_indices(keep)
+                rows, alive, token = rows[keep], alive[keep], token[keep]
+                attention, positions = attention[keep], positions[keep]
         column = prompt_len + t  # where the token just drawn sits
         out = model(
             input_ids=token[:, None],

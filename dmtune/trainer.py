@@ -8,8 +8,11 @@ composed config.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -17,6 +20,7 @@ from transformers import PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from dmtune import estimators as est
+from dmtune import lora
 from dmtune import metrics as m
 from dmtune.config import TrainConfig
 from dmtune.exact import ExactOracle, exact_spaces
@@ -39,6 +43,7 @@ class TrainerConfig(TrainConfig):
     objective_params: dict[str, Any] = field(default_factory=dict)  # e.g. {"beta": 0.1}
     exact: bool = False  # enumerate the sequence space so exact_metrics() works (toy priors only)
     seed: int = 0
+    lora: Any = None  # model.lora (r, alpha, dropout, target_modules, save_merged); None: no LoRA
 
 
 class Trainer:
@@ -62,20 +67,39 @@ class Trainer:
                 "only distributional features; use a distribution-matching objective "
                 f"({', '.join(names_of('dm'))}) or add a pointwise constraint or reward"
             )
+        if (
+            config.objective == "fdpg"
+            and self.loss_kwargs.get("divergence") == "reverse_kl"
+            and target.pointwise
+        ):
+            raise ValueError(
+                "objective fdpg with divergence=reverse_kl is infinite with a pointwise "
+                "constraint (π puts mass where p = 0); use divergence=forward_kl, js or tv"
+            )
         torch.manual_seed(config.seed)
         self.target = target
         self.decoding = Decoding(max_new_tokens=config.max_new_tokens)
         check_ancestral(self.decoding)
-        self.prior = frozen_copy(prior)
-        # A half-precision prior (device.dtype=bfloat16/float16) runs under autocast, but the
-        # policy keeps float32 weights: AdamW steps of lr ~1e-5 are below bfloat16's resolution
-        # (2^-8 relative) and would round away in pure half-precision weights.
+        self.lora = config.lora if config.lora is not None and config.lora.r > 0 else None
+        frozen_proposal = self.spec.proposal == "frozen"
+        if self.lora is None:
+            self.prior = frozen_copy(prior)
+            # A half-precision prior (device.dtype=bfloat16/float16) runs under autocast, but the
+            # policy keeps float32 weights: AdamW steps of lr ~1e-5 are below bfloat16's
+            # resolution (2^-8 relative) and would round away in half-precision weights.
+            # eval mode: no dropout, so π is the same distribution we sample from and score
+            self.policy = frozen_copy(prior).float().requires_grad_(True)
+            self.proposal = frozen_copy(self.policy) if frozen_proposal else None
+        else:
+            # one network: ``prior`` gets adapters (in place); float32 adapters on its weights
+            self.policy = lora.wrap(prior, self.lora, proposal=frozen_proposal)
+            self.prior = lora.AdapterView(self.policy, None)
+            self.proposal = (
+                lora.AdapterView(self.policy, lora.PROPOSAL) if frozen_proposal else None
+            )
         self.lm = LM(self.prior, tokenizer, config.prompt, prompt_set(config))
-        # eval mode: no dropout, so π is the same distribution we sample from and score
-        self.policy = frozen_copy(prior).float().requires_grad_(True)
-        self.proposal = frozen_copy(self.policy) if self.spec.proposal == "frozen" else None
         self.optimizer = torch.optim.AdamW(
-            self.policy.parameters(),
+            [p for p in self.policy.parameters() if p.requires_grad],
             lr=config.lr,
             betas=tuple(config.betas),
             weight_decay=config.weight_decay,
@@ -98,7 +122,7 @@ class Trainer:
         if config.exact:
             prompts = self.lm.prompts.prompts if self.lm.prompts else (config.prompt,)
             spaces = exact_spaces(
-                prior, tokenizer, config.max_new_tokens, prompts, self.lm.prompts is not None
+                self.prior, tokenizer, config.max_new_tokens, prompts, self.lm.prompts is not None
             )
             self.exact = ExactOracle(spaces, self.prior)
 
@@ -138,24 +162,46 @@ class Trainer:
         if not self.target.fitted:
             raise RuntimeError("distributional constraints need λ: call calibrate() before step()")
         started = time.perf_counter()
+        samples = self.sample()
+        return self.update(samples, started)
 
-        # --- sample x ~ q ---
+    @torch.no_grad()
+    def sample(self) -> Samples:
+        """A batch ``x ~ q`` (the policy, or the frozen proposal of KL-adaptive DPG)."""
         sampler = self.proposal if self.proposal is not None else self.policy
         contexts = self.lm.draw_contexts(self.config.batch_size, self.prompt_generator)
-        samples = self.lm.sample(
-            self.config.batch_size, self.decoding, self.generator, model=sampler, contexts=contexts
+        return self.lm.sample(
+            self.config.batch_size,
+            self.decoding,
+            self.generator,
+            model=sampler,
+            contexts=contexts,
+            micro_batch_size=self.config.sample_micro_batch_size,
         )
+
+    def update(self, samples: Samples, started: float | None = None) -> dict[str, float]:
+        """Score ``samples``, take one optimizer step on them, and return the step's metrics."""
+        started = time.perf_counter() if started is None else started
         sampled = time.perf_counter()
+        micro = self.config.micro_batch_size
+        contexts = samples.contexts
 
         # --- score: features, prior, target, running log Ẑ ---
         scores = self.target.score(samples)
         with torch.no_grad():
-            log_prior = self.lm.log_probs(samples)
+            log_prior = self.lm.log_probs(samples, micro_batch_size=micro or len(samples))
         log_target = self.target.log_prob(log_prior, scores)  # (batch,), −inf where b(x) = 0
         scored = time.perf_counter()
 
-        # --- loss: one forward + backward of the policy ---
-        log_policy = self.lm.log_probs(samples, model=self.policy)  # (batch,) with grad
+        # --- loss: of log π as a leaf; its gradient then flows into π micro-batch by micro-batch
+        if self.proposal is None:  # on-policy: the sampler already computed log π(x)
+            log_pi = samples.log_q.detach()
+        else:
+            with torch.no_grad():
+                log_pi = self.lm.log_probs(
+                    samples, model=self.policy, micro_batch_size=micro or len(samples)
+                )
+        log_policy = log_pi.to(log_prior.dtype).requires_grad_(True)
         log_proposal = samples.log_q if self.proposal is not None else log_policy.detach()
         if contexts is None:  # log Ẑ with this batch: committed below only if the step is finite
             running_log_z = self.log_z.updated(log_target - log_proposal)
@@ -167,8 +213,15 @@ class Trainer:
             log_policy, log_proposal, log_prior, log_target, log_z, scores.reward, samples.contexts
         )
         loss, objective_metrics = self.spec.loss(batch, **self.loss_kwargs)
+        (weights,) = torch.autograd.grad(loss, log_policy)
+        batch = dataclasses.replace(batch, log_policy=log_policy.detach())
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        dropout = self.lora is not None and self.lora.dropout > 0
+        if dropout:
+            lora.set_dropout(self.policy, True)
+        self.lm.backward(samples, weights, model=self.policy, micro_batch_size=micro)
+        if dropout:
+            lora.set_dropout(self.policy, False)
         clip = self.config.grad_clip if self.config.grad_clip > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), clip)
         lr = self.scheduler.get_last_lr()[0]
@@ -229,12 +282,16 @@ class Trainer:
     @torch.no_grad()
     def _maybe_swap_proposal(self, samples: Samples, batch: Batch) -> torch.Tensor:
         """KL-adaptive DPG: copy π into q when ``KL(p‖π) < KL(p‖q)`` on the same q-samples."""
-        log_pi_now = self.lm.log_probs(samples, model=self.policy)  # π after this step's update
+        micro = self.config.micro_batch_size or len(samples)
+        # π after this step's update
+        log_pi_now = self.lm.log_probs(samples, model=self.policy, micro_batch_size=micro)
         args = (batch.log_target, batch.log_proposal)
         kl_policy = est.kl_target_model(*args, log_pi_now, batch.log_z)
         kl_proposal = est.kl_target_model(*args, batch.log_proposal, batch.log_z)
         swap = bool(kl_policy < kl_proposal)
-        if swap:
+        if swap and self.lora is not None:
+            lora.copy_adapter(self.policy, lora.POLICY, lora.PROPOSAL)
+        elif swap:
             self.proposal.load_state_dict(self.policy.state_dict())
         return torch.tensor(float(swap))
 
@@ -253,8 +310,8 @@ class Trainer:
         """Everything needed to resume exactly: weights, optimizer, log Ẑ, λ, RNG states,
         counters."""
         return {
-            "policy": self.policy.state_dict(),
-            "proposal": self.proposal.state_dict() if self.proposal is not None else None,
+            "policy": self._weights(self.policy),
+            "proposal": self._weights(self.proposal) if self.proposal is not None else None,
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "log_z": self.log_z.state_dict(),
@@ -270,10 +327,34 @@ class Trainer:
             "bad_steps": self.bad_steps,
         }
 
+    def _weights(self, model: Any) -> dict[str, torch.Tensor]:
+        """What a checkpoint holds of a model: its state, or with LoRA its adapter's."""
+        if self.lora is None:
+            return model.state_dict()
+        adapter = lora.PROPOSAL if model is self.proposal else lora.POLICY
+        return lora.adapter_state(self.policy, adapter)
+
+    def _load_weights(self, model: Any, state: dict[str, torch.Tensor]) -> None:
+        if self.lora is None:
+            model.load_state_dict(state)
+        else:
+            adapter = lora.PROPOSAL if model is self.proposal else lora.POLICY
+            lora.load_adapter_state(self.policy, state, adapter)
+
+    def save_policy(self, directory: Path) -> None:
+        """The policy as a Hugging Face model dir (with LoRA: the adapter, and on request the
+        merged model under ``merged/``), with the tokenizer."""
+        self.policy.save_pretrained(directory)
+        self.tokenizer.save_pretrained(directory)
+        if self.lora is not None and self.lora.save_merged:
+            merged = copy.deepcopy(self.policy).merge_and_unload()
+            merged.save_pretrained(directory / "merged")
+            self.tokenizer.save_pretrained(directory / "merged")
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.policy.load_state_dict(state["policy"])
+        self._load_weights(self.policy, state["policy"])
         if self.proposal is not None:
-            self.proposal.load_state_dict(state["proposal"])
+            self._load_weights(self.proposal, state["proposal"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.log_z.load_state_dict(state["log_z"])

@@ -295,11 +295,14 @@ def test_paper_experiments_sweep_only_the_objectives_that_apply(experiment):
     )
 
 
-def test_version_completion_and_config_as_json():
+def test_version_completion_and_config_as_json(monkeypatch):
     from dmtune import __version__
 
     result = dmtune("--version")
     assert result.exit_code == 0 and result.stdout.strip() == f"dmtune {__version__}"
+    # Typer's own switch for tests: the shell is named, not detected from the parent processes
+    # (a suite started without a shell above it detects none)
+    monkeypatch.setenv("_TYPER_COMPLETE_TEST_DISABLE_SHELL_DETECTION", "1")
     result = dmtune("--show-completion", "bash")
     assert result.exit_code == 0 and "complete" in result.stdout and "dmtune" in result.stdout
     result = dmtune("config", "--json", "experiment=toy")

@@ -85,9 +85,14 @@ def test_sampler_log_q_equals_exact_log_prob_and_frequencies_match(toy, space):
         exact = space.log_probs(model)
     rows = _index_of(space, samples.tokens, filler)
     assert torch.allclose(samples.log_q.double(), exact[rows], atol=1e-5)
-    frequency = torch.bincount(rows, minlength=len(space)).double() / n
+    counts = torch.bincount(rows, minlength=len(space)).double()
     # TV of 20k draws over 341 outcomes
-    assert 0.5 * (frequency - exact.exp()).abs().sum().item() < 0.05
+    assert 0.5 * (counts / n - exact.exp()).abs().sum().item() < 0.05
+    # Pearson's χ² against the enumerated probabilities: mean df = 340, sd √(2 df) ≈ 26
+    expected = n * exact.exp()
+    chi2 = ((counts - expected) ** 2 / expected).sum().item()
+    df = len(space) - 1
+    assert chi2 < df + 6 * (2 * df) ** 0.5, chi2
 
 
 def test_warped_decoding_is_refused_for_training():

@@ -1,0 +1,37 @@
+"""The benchmarks' smoke modes: the scripts a user runs for the README's figures still run."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_step_time_smoke_prints_every_row_with_consistent_ratios(tmp_path, capsys):
+    out = tmp_path / "step_time.json"
+    result = _load("step_time").main(["--smoke", "--out", str(out)])
+    seconds = result["seconds"]
+    for row in ("HF generate", "naive fwd/bwd", "naive floor", "dmtune sample",
+                "dmtune step (micro-batch 64)", "  sample", "  score", "  update",
+                "dmtune step (one pass)"):
+        assert seconds[row] > 0 and math.isfinite(seconds[row]), row
+    assert math.isclose(seconds["naive floor"], seconds["HF generate"] + seconds["naive fwd/bwd"])
+    assert math.isclose(result["vs_floor"]["naive floor"], 1.0)
+    assert json.loads(out.read_text())["seconds"] == seconds
+    assert "| dmtune sample |" in capsys.readouterr().out
+
+
+def test_step_memory_smoke_measures_each_micro_batch_in_its_own_process(tmp_path):
+    out = tmp_path / "memory.json"
+    result = _load("step_time").main(["--smoke", "--memory", "0,4", "--out", str(out)])
+    assert set(result["peak_mib"]) == {0, 4} and all(v > 0 for v in result["peak_mib"].values())
