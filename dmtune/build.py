@@ -164,20 +164,25 @@ def wandb_options(cfg: DictConfig, identity: LogIdentity) -> WandbOptions:
     )
 
 
-def _wandb_sink(cfg: DictConfig, run_dir: Path, identity: LogIdentity) -> Sink:
+def _wandb_sink(
+    cfg: DictConfig, run_dir: Path, identity: LogIdentity, resume_step: int | None
+) -> Sink:
     config = OmegaConf.to_container(cfg, resolve=True)
     config["dmtune"] = {"version": __version__, "overrides": list(identity.overrides)}
-    return WandbSink(run_dir, wandb_options(cfg, identity), config=config)
+    return WandbSink(run_dir, wandb_options(cfg, identity), config, resume_step=resume_step)
 
 
 # logger.sinks: name → builder (metrics.jsonl is always written: it is the run's own record)
-SINKS: dict[str, Callable[[DictConfig, Path, LogIdentity], Sink]] = {"wandb": _wandb_sink}
+SINKS: dict[str, Callable[[DictConfig, Path, LogIdentity, int | None], Sink]] = {
+    "wandb": _wandb_sink
+}
 
 
 def build_logger(
     cfg: DictConfig, run_dir: str | Path, identity: LogIdentity, resume_step: int | None = None
 ) -> RunLogger:
-    """The run dir's JSONL files, then each sink of ``logger.sinks``."""
+    """The run dir's JSONL files, then each sink of ``logger.sinks``; ``resume_step``: the
+    checkpoint a resumed run continues from (each sink keeps what it has up to it)."""
     names = list(cfg.logger.sinks)
     if (
         identity.wandb_mode is not None
@@ -186,5 +191,5 @@ def build_logger(
             [] if identity.wandb_mode == "disabled" else ["wandb"]
         )
     sinks = [JsonlSink(RunDir(run_dir), resume_step=resume_step)]
-    sinks += [SINKS[name](cfg, Path(run_dir), identity) for name in names]
+    sinks += [SINKS[name](cfg, Path(run_dir), identity, resume_step) for name in names]
     return RunLogger(sinks)

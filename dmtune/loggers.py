@@ -3,12 +3,12 @@
 :class:`JsonlSink` writes the run dir's own record — ``metrics.jsonl`` (one JSON object per
 logged step), ``samples.jsonl``, ``summary.json`` — and is always on; :class:`WandbSink` adds a
 W&B run (``wandb/`` and ``wandb_run_id.txt``, so that a resumed run continues the same W&B
-run) when ``logger.sinks`` names it. Non-finite floats are written as the strings ``"NaN"``,
-``"Infinity"`` and ``"-Infinity"`` (W&B's own spelling) so that every line is valid JSON;
-:func:`read_jsonl` turns them back into floats. A W&B failure never stops training: W&B's own
-waits (init, finish) are bounded by ``logger.timeout_s``, and a failure turns the sink off with
-one line (:attr:`WandbSink.problem`) that the run's summary shows, with the ``wandb sync``
-command that uploads the local copy later.
+run and gives it each step once) when ``logger.sinks`` names it. Non-finite floats are written
+as the strings ``"NaN"``, ``"Infinity"`` and ``"-Infinity"`` (W&B's own spelling) so that every
+line is valid JSON; :func:`read_jsonl` turns them back into floats. A W&B failure never stops
+training: W&B's own waits (init, finish) are bounded by ``logger.timeout_s``, and a failure
+turns the sink off with one line (:attr:`WandbSink.problem`) that the run's summary shows, with
+the ``wandb sync`` command that uploads the local copy later.
 """
 
 from __future__ import annotations
@@ -16,9 +16,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
-import subprocess
-import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +24,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from dmtune.metrics import SAMPLES_SEEN as SAMPLES_SEEN_KEY
 from dmtune.rundir import WANDB_RUN_ID_FILE, RunDir, atomic_write_text
+from dmtune.wandb_log import last_step, log_files
 
 if TYPE_CHECKING:
     import wandb
@@ -38,7 +36,6 @@ WANDB_GROUP_MAX = 128
 WHERE_ONLINE, WHERE_OFFLINE = "W&B run: ", "W&B (offline): "  # the lines saying where a run is
 RUN_ID_FILE = WANDB_RUN_ID_FILE
 _NONFINITE = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
-_INSPECT_TIMEOUT_S = 120
 
 
 def to_python(value: Any) -> Any:
@@ -75,12 +72,17 @@ def _decode_nonfinite(value: Any) -> Any:
     return _NONFINITE.get(value, value) if isinstance(value, str) else value
 
 
+def decode_nonfinite(value: Any) -> Any:
+    """``"NaN"``, ``"Infinity"``, ``"-Infinity"`` anywhere in nested dicts and lists as floats."""
+    return _map_leaves(value, _decode_nonfinite)
+
+
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
     """Records of a JSONL file, non-finite strings back as floats; a torn last line is skipped."""
     records = []
     for line in Path(path).read_text(encoding="utf-8").splitlines():
         try:
-            records.append(_map_leaves(json.loads(line), _decode_nonfinite))
+            records.append(decode_nonfinite(json.loads(line)))
         except json.JSONDecodeError:
             continue
     return records
@@ -232,6 +234,16 @@ def sync_command(run: wandb.Run) -> str:
     return f"wandb sync {online}{local}"
 
 
+def last_step_before(run: wandb.Run, run_dir: RunDir) -> int:
+    """The last step W&B has of ``run`` from before this process (−1: none): online, the step
+    before W&B's own resume point (``run.starting_step``: the server's last step + 1); offline,
+    the last step in the run's earlier local logs (``wandb sync`` uploads exactly those)."""
+    if not run.offline:
+        return run.starting_step - 1
+    current = Path(run.dir).parent  # this process's log dir
+    return last_step([f for f in log_files(run_dir.path, run.id) if f.parent != current])
+
+
 class Sink(Protocol):
     """Where a run's records go. Every method is called from the training loop, in order."""
 
@@ -288,14 +300,25 @@ def merge_summary(run_dir: RunDir, values: Mapping[str, Any]) -> None:
 
 class WandbSink:
     """A W&B run (offline or online). Any W&B failure turns this sink off and is kept as one
-    line in :attr:`problem`; :attr:`where` says where the run can be seen or how to upload it."""
+    line in :attr:`problem`; :attr:`where` says where the run can be seen or how to upload it.
+
+    resume_step: on resume, the checkpoint's step. W&B keeps every step it was given and a
+    SIGKILL loses the tail of its buffer, so the resumed run first sends W&B the steps up to the
+    checkpoint that W&B lacks (from ``metrics.jsonl`` and ``samples.jsonl``), then only the
+    steps after the last one W&B has: each step reaches W&B once, with the run dir's values.
+    """
 
     def __init__(
-        self, run_dir: str | Path, options: WandbOptions, config: Mapping[str, Any] | None = None
+        self,
+        run_dir: str | Path,
+        options: WandbOptions,
+        config: Mapping[str, Any] | None = None,
+        resume_step: int | None = None,
     ) -> None:
         self.options = options
         self.problem: str | None = None
         self.where: str | None = None
+        self.has_through = -1  # W&B already has every step up to this one (resume)
         try:
             self.run = init_wandb(run_dir, options, config)
         except Exception as error:  # noqa: BLE001 - W&B must never stop training
@@ -305,14 +328,31 @@ class WandbSink:
             url = self.run.url if not self.run.offline else None
             offline = f"{WHERE_OFFLINE}{sync_command(self.run)}"
             self.where = f"{WHERE_ONLINE}{url}" if url else offline
+        if resume_step is not None:
+            self._call("resume", lambda run: self._catch_up(run, RunDir(run_dir), resume_step))
+
+    def _catch_up(self, run: wandb.Run, run_dir: RunDir, resume_step: int) -> None:
+        """Send W&B the logged steps up to ``resume_step`` it lacks, samples before metrics as
+        when they were logged, and skip from then on every step W&B has."""
+        last = last_step_before(run, run_dir)
+        samples: dict[int, list[dict[str, Any]]] = {}
+        for row in read_jsonl(run_dir.samples) if run_dir.samples.is_file() else []:
+            samples.setdefault(row.pop("step"), []).append(row)
+        for row in read_jsonl(run_dir.metrics) if run_dir.metrics.is_file() else []:
+            step = row.pop("step")
+            if last < step <= resume_step:
+                self.log_samples(samples.get(step, []), step)
+                self.log(row, step)
+        self.has_through = max(last, resume_step)
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
-        self._call("log", lambda run: run.log(metrics, step=step))
+        if step > self.has_through:
+            self._call("log", lambda run: run.log(metrics, step=step))
 
     def log_samples(self, rows: list[dict[str, Any]], step: int, key: str = "samples") -> None:
         """The rows as a ``wandb.Table`` under ``key``; W&B merges it into the history row of
         ``step``, so it must come before the next step's ``log``."""
-        if not rows:
+        if not rows or step <= self.has_through:
             return
         columns = list(dict.fromkeys(column for row in rows for column in row))
 
@@ -412,7 +452,7 @@ class RunLogger:
     ) -> RunLogger:
         sinks: list[Sink] = [JsonlSink(RunDir(run_dir), resume_step=resume_step)]
         if wandb_options is not None:
-            sinks.append(WandbSink(run_dir, wandb_options, config))
+            sinks.append(WandbSink(run_dir, wandb_options, config, resume_step=resume_step))
         return cls(sinks)
 
     @property
@@ -456,50 +496,3 @@ class RunLogger:
         tb: TracebackType | None,
     ) -> None:
         self.close()
-
-
-def _natural_key(path: Path) -> list[Any]:
-    """Sort key putting ``...-id`` before ``...-id-1`` before ``...-id-10``."""
-    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", path.parent.name)]
-
-
-def read_offline_history(path: str | Path) -> list[dict[str, Any]]:
-    """History rows of the local W&B run logs under ``path``, in logging order.
-
-    ``path`` is a run dir, a ``wandb/`` dir, one W&B run dir or a ``.wandb`` file. Each
-    ``.wandb`` transaction log (offline runs, and the local copy of online ones; a resumed run
-    has one per segment) is read with ``wandb leet inspect --json``. Rows hold the logged keys
-    plus ``_step``, ``_runtime``, ``_timestamp``; nested values such as tables are flattened
-    with dots (``samples._type``); non-finite values come back as floats. Needs wandb ≥ 0.31
-    (the first with ``leet inspect --json``); dmtune itself runs on wandb ≥ 0.27.
-    """
-    from importlib.metadata import version
-
-    installed = version("wandb")
-    if tuple(int(p) for p in re.findall(r"\d+", installed)[:2]) < (0, 31):
-        raise RuntimeError(
-            f"reading W&B's local logs needs `wandb leet inspect --json` (wandb >= 0.31); "
-            f"wandb {installed} is installed"
-        )
-    path = Path(path)
-    if path.is_file():
-        files = [path]
-    else:
-        base = path / "wandb" if (path / "wandb").is_dir() else path
-        files = sorted(base.glob("*run-*/run-*.wandb"), key=_natural_key) or sorted(
-            base.glob("run-*.wandb")
-        )
-    rows = []
-    for file in files:
-        out = subprocess.run(
-            [sys.executable, "-m", "wandb", "leet", "inspect", "--json", str(file)],
-            capture_output=True,
-            text=True,
-            check=True,
-            timeout=_INSPECT_TIMEOUT_S,
-        ).stdout
-        for line in out.splitlines():
-            record = json.loads(line)
-            if record.get("type") == "history":
-                rows.append(_map_leaves(record["history"]["item"], _decode_nonfinite))
-    return rows

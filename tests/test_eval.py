@@ -9,7 +9,7 @@ import pytest
 from typer.testing import CliRunner
 
 from dmtune.cli import app
-from dmtune.loggers import read_offline_history
+from dmtune.wandb_log import read_offline_history
 
 runner = CliRunner()
 Z_SCORE = 4.0
