@@ -9,7 +9,7 @@ objective's hyperparameters go to its loss unchanged, a feature's ``params`` to 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -116,14 +116,16 @@ def build_trainer(cfg: DictConfig) -> Trainer:
 
 @dataclass(frozen=True)
 class LogIdentity:
-    """What names a logged run beside its config: train or eval, its name and extra tags, and
-    the overrides it was launched with (they choose its W&B group)."""
+    """What names a logged run beside its config: train or eval, its name and extra tags, the
+    overrides it was launched with (they choose its W&B group), and what its W&B config holds
+    besides the run's config (an evaluation's settings)."""
 
     name: str
     job_type: str | None = None  # default: logger.job_type
     tags: tuple[str, ...] = ()
     wandb_mode: str | None = None  # default: logger.mode
     overrides: tuple[str, ...] = ()
+    config: Mapping[str, Any] | None = None  # extra top-level W&B config entries
 
 
 # overrides that do not make another experiment: runs differing only in these share a group
@@ -169,6 +171,7 @@ def _wandb_sink(
 ) -> Sink:
     config = OmegaConf.to_container(cfg, resolve=True)
     config["dmtune"] = {"version": __version__, "overrides": list(identity.overrides)}
+    config.update(identity.config or {})
     return WandbSink(run_dir, wandb_options(cfg, identity), config, resume_step=resume_step)
 
 

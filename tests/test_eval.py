@@ -9,7 +9,7 @@ import pytest
 from typer.testing import CliRunner
 
 from dmtune.cli import app
-from dmtune.wandb_log import read_offline_history
+from dmtune.wandb_log import read_offline_history, read_offline_records
 
 runner = CliRunner()
 Z_SCORE = 4.0
@@ -44,8 +44,19 @@ def test_eval_matches_the_exact_values_and_logs_an_eval_run(trained_toy):
             key, metrics[key], errors[key], exact
         )
         assert errors[key] > 0
-    history = read_offline_history(trained_toy / "eval")
-    assert any(row.get("_step") == 60 and "divergence/kl_policy_prior" in row for row in history)
+    # the W&B eval run: its own keys (eval/<metric>, eval/<metric>_se), its settings in its config
+    (row,) = [row for row in read_offline_history(trained_toy / "eval") if row["_step"] == 60]
+    for key, value in metrics.items():
+        assert row[f"eval/{key}"] == pytest.approx(value), key
+    for key, value in errors.items():
+        assert row[f"eval/{key}_se"] == pytest.approx(value), key
+    assert {k for k in row if not k.startswith("_")} == {
+        "samples_seen", *(f"eval/{k}" for k in metrics), *(f"eval/{k}_se" for k in errors)
+    }
+    (run,) = read_offline_records(trained_toy / "eval", "run")
+    assert run["run"]["config"]["update"]["eval"] == {
+        "n": 4096, "temperature": 1.0, "top_k": 0, "top_p": 1.0, "seed": 1234, "overrides": []
+    }
 
 
 def test_eval_of_a_dir_that_is_not_a_run_is_one_line(tmp_path):
@@ -68,7 +79,7 @@ def test_eval_against_another_target_keeps_the_runs_own_evaluation(trained_toy):
         app, ["eval", str(trained_toy), "-n", "4096", "--wandb", "disabled", *overrides]
     )
     assert result.exit_code == 0, result.output
-    written = sorted(trained_toy.glob("eval-*.json"))
+    written = sorted(trained_toy.glob("eval-constraint*.json"))
     assert len(written) == 1 and "moment=0.5" in written[0].name
     report = json.loads(written[0].read_text())
     metrics, errors = report["metrics"], report["standard_errors"]
@@ -94,3 +105,29 @@ def test_eval_overrides_fail_in_one_line(trained_toy):
     )
     result = runner.invoke(app, ["eval", str(trained_toy), "objective=dpg"])
     assert result.exit_code == 2 and "the run's own policy" in result.stderr
+
+
+def test_each_eval_setting_writes_its_own_report(trained_toy):
+    """Another decoding is another setting: its own eval-*.json and log dir, nothing overwritten;
+    another -n re-estimates the same setting."""
+    own = trained_toy / "eval.json"
+    before = own.read_bytes() if own.is_file() else None
+    settings = {
+        "eval-top_p=0.9": ["--top-p", "0.9"],
+        "eval-temperature=0.5_top_k=3": ["--temperature", "0.5", "--top-k", "3"],
+    }
+    for name, options in settings.items():
+        for n in ("128", "256"):
+            result = runner.invoke(
+                app, ["eval", str(trained_toy), "-n", n, "--wandb", "disabled", *options]
+            )
+            assert result.exit_code == 0, result.output
+            assert result.output.strip().endswith(f"{name}.json")
+    for name, options in settings.items():
+        report = json.loads((trained_toy / f"{name}.json").read_text())
+        decoding = dict(zip([o.lstrip("-").replace("-", "_") for o in options[::2]],
+                            map(float, options[1::2])))
+        assert {k: report["decoding"][k] for k in decoding} == decoding
+        assert report["n"] == 256  # the second estimate of the setting replaced the first
+        assert (trained_toy / name / "metrics.jsonl").is_file()
+    assert (own.read_bytes() if own.is_file() else None) == before
