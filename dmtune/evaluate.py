@@ -195,7 +195,8 @@ def _log(
 ) -> list[str]:
     """The evaluation's own log dir (``eval/``, ``eval-<setting>/``): a ``job_type=eval`` run in
     the training run's group, its settings in its config, every figure under ``eval/<metric>``
-    and each standard error under ``eval/<metric>_se``."""
+    and each standard error under ``eval/<metric>_se``; its input, the policy's model artifact
+    when the run logged one of this checkpoint."""
     settings = {"n": report["n"], **report["decoding"], "overrides": report["overrides"]}
     identity = LogIdentity(
         name=f"{run_dir.name}-{name}",
@@ -208,7 +209,10 @@ def _log(
     figures = {m.eval_metric(k): v for k, v in report["metrics"].items()}
     figures |= {m.eval_error(k): v for k, v in report["standard_errors"].items()}
     finite = {k: v for k, v in figures.items() if math.isfinite(v)}
+    model = run_dir.model_artifact()  # policy/ as logged by the run (logger.log_model=true)
     with build_logger(cfg, run_dir.path / name, identity) as logger:
+        if model is not None and model["step"] == report["step"]:  # the policy measured here
+            logger.use_model(run_dir.policy, model)
         logger.log({m.SAMPLES_SEEN: report["samples_seen"], **finite}, step=report["step"])
         logger.summary(finite)
     return logger.notes()

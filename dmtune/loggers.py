@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +34,8 @@ if TYPE_CHECKING:
 WANDB_MODES = ("auto", "online", "offline", "disabled")
 WANDB_TAG_MAX = 64  # W&B refuses a run whose tag is longer
 WANDB_GROUP_MAX = 128
+WANDB_ARTIFACT_NAME_MAX = 128  # W&B's limit; '/' and ':' are not allowed either
+MODEL_ARTIFACT_TYPE = "model"
 WHERE_ONLINE, WHERE_OFFLINE = "W&B run: ", "W&B (offline): "  # the lines saying where a run is
 RUN_ID_FILE = WANDB_RUN_ID_FILE
 _NONFINITE = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
@@ -244,6 +247,23 @@ def last_step_before(run: wandb.Run, run_dir: RunDir) -> int:
     return last_step([f for f in log_files(run_dir.path, run.id) if f.parent != current])
 
 
+def model_artifact_name(run_id: str) -> str:
+    """``model-<W&B run id>``: one name per run, the same after a resume, within W&B's rules."""
+    return re.sub(r"[^A-Za-z0-9_.-]", "-", f"model-{run_id}")[:WANDB_ARTIFACT_NAME_MAX]
+
+
+def _model_artifact(
+    path: Path, name: str, metadata: Mapping[str, Any] | None = None, copy: bool = True
+) -> wandb.Artifact:
+    """A draft model artifact of the files under ``path``; ``copy=False`` keeps W&B from
+    staging a copy (the files are read where they are when it uploads them)."""
+    import wandb
+
+    artifact = wandb.Artifact(name, type=MODEL_ARTIFACT_TYPE, metadata=dict(metadata or {}))
+    artifact.add_dir(str(path), policy="mutable" if copy else "immutable")
+    return artifact
+
+
 class Sink(Protocol):
     """Where a run's records go. Every method is called from the training loop, in order."""
 
@@ -319,6 +339,7 @@ class WandbSink:
         self.problem: str | None = None
         self.where: str | None = None
         self.has_through = -1  # W&B already has every step up to this one (resume)
+        self.model: str | None = None  # the model artifact this run logged or used, one line
         try:
             self.run = init_wandb(run_dir, options, config)
         except Exception as error:  # noqa: BLE001 - W&B must never stop training
@@ -367,6 +388,53 @@ class WandbSink:
             )
 
         self._call("table", log_table)
+
+    def log_model(self, path: Path, metadata: Mapping[str, Any]) -> dict[str, Any] | None:
+        """Log the files under ``path`` as this run's model artifact; its name, version (online,
+        once W&B has it within ``timeout_s``; offline, ``wandb sync`` assigns it) and digest,
+        or None when W&B is off or failed."""
+        logged: dict[str, Any] = {}
+
+        def log(run: wandb.Run) -> None:
+            artifact = run.log_artifact(
+                _model_artifact(path, model_artifact_name(run.id), metadata)
+            )
+            logged.update(name=artifact.name, version=None, digest=artifact.digest)
+            if not run.offline:
+                try:
+                    logged["version"] = artifact.wait(timeout=self.options.timeout_s).version
+                except Exception:  # noqa: BLE001 - still uploading: finish waits for it
+                    pass
+            version = f":{logged['version']}" if logged["version"] else ", version at sync"
+            self.model = f"W&B model artifact: {logged['name']}{version} ({path})"
+
+        self._call("model artifact", log)
+        return logged or None
+
+    def use_model(self, path: Path, logged: Mapping[str, Any]) -> None:
+        """Declare the model artifact ``logged`` (:meth:`log_model`'s record) as this run's
+        input: W&B's lineage from the training run to this one.
+
+        ``Run.use_artifact`` refuses offline runs and waits without bound on a draft artifact;
+        what it does with one — log it with ``use_after_commit`` — works offline too (recorded
+        in the local log, sent by ``wandb sync``) and is what this does. W&B keeps one version
+        per content, so the draft rebuilt from ``path`` is the version the training run logged;
+        when ``path`` no longer matches its digest, one line says so and nothing is declared.
+        A failure here is one line and leaves the run's logging on."""
+        if self.run is None:
+            return
+        try:
+            artifact = _model_artifact(path, logged["name"], copy=False)
+            if artifact.digest != logged["digest"]:
+                self.model = (
+                    f"W&B: {path} changed since it was logged as {logged['name']}; "
+                    "this run does not declare it as its input"
+                )
+                return
+            self.run._log_artifact(artifact, is_user_created=True, use_after_commit=True)
+            self.model = f"W&B input: model artifact {logged['name']} ({path})"
+        except Exception as error:  # noqa: BLE001 - lineage is a nicety; the figures matter
+            self.model = f"W&B could not declare {logged['name']} as input ({_one_line(error)})"
 
     def summary(self, values: dict[str, Any]) -> None:
         """Nested dicts flattened: ``{"final": {"a/b": 1}}`` is ``final/a/b`` (W&B's panels and
@@ -430,10 +498,11 @@ class RunLogger:
         self._shown: set[str] = set()
 
     def notes(self) -> list[str]:
-        """Where each remote run lives, and each failure of a remote sink (one line each)."""
+        """Where each remote run lives, the model artifact it logged or used, and each failure
+        of a remote sink (one line each)."""
         lines = []
         for sink in self.sinks:
-            lines += [getattr(sink, "where", None), getattr(sink, "problem", None)]
+            lines += [getattr(sink, k, None) for k in ("where", "model", "problem")]
         return [line for line in lines if line]
 
     def new_notes(self) -> list[str]:
@@ -474,6 +543,17 @@ class RunLogger:
         rows = [to_python(row) for row in rows]
         for sink in self.sinks:
             sink.log_samples(rows, step)
+
+    def log_model(self, path: Path, metadata: Mapping[str, Any]) -> dict[str, Any] | None:
+        """Log ``path`` (the trained policy) as a W&B model artifact; what names it, or None."""
+        logged = [s.log_model(path, metadata) for s in self.sinks if isinstance(s, WandbSink)]
+        return next((record for record in logged if record), None)
+
+    def use_model(self, path: Path, logged: Mapping[str, Any]) -> None:
+        """Declare the model artifact ``logged`` (of ``path``) as this run's input (W&B)."""
+        for sink in self.sinks:
+            if isinstance(sink, WandbSink):
+                sink.use_model(path, logged)
 
     def summary(self, values: Mapping[str, Any]) -> None:
         """Merge ``values`` into ``summary.json`` and the W&B run summary."""

@@ -10,7 +10,7 @@
   checkpoints/last.pt                 policy, proposal, optimizer, log Ẑ, λ, RNG states (atomic)
   policy/                             the fine-tuned model, loadable with transformers
   summary.json                        the prior's rates and every metric's mean over the last
-                                      10 steps
+                                      10 steps; the W&B lines and model artifact
   wandb/  wandb_run_id.txt            the W&B run, when the wandb sink is on
   eval.json  eval/                    `dmtune eval`: metrics ± standard errors, the W&B eval run
   eval-<setting>.json  eval-<setting>/  `dmtune eval` with a warped decoding (--top-p 0.9) or
@@ -138,6 +138,13 @@ class RunDir:
 
     def read_calibration(self) -> dict[str, Any]:
         return json.loads(self.calibration.read_text())
+
+    def model_artifact(self) -> dict[str, Any] | None:
+        """The W&B model artifact ``policy/`` was logged as (``logger.log_model=true``): name,
+        version (None until W&B assigns it), digest and the checkpoint's step; or None."""
+        if not self.summary.is_file():
+            return None
+        return json.loads(self.summary.read_text()).get("model_artifact")
 
     def read_eval(self) -> dict[str, Any] | None:
         """The run's own ``eval.json`` metrics, or None before ``dmtune eval``."""

@@ -57,6 +57,7 @@ def test_eval_matches_the_exact_values_and_logs_an_eval_run(trained_toy):
     assert run["run"]["config"]["update"]["eval"] == {
         "n": 4096, "temperature": 1.0, "top_k": 0, "top_p": 1.0, "seed": 1234, "overrides": []
     }
+    assert _model_artifacts(trained_toy / "eval") == []  # the run logged no model artifact
 
 
 def test_eval_of_a_dir_that_is_not_a_run_is_one_line(tmp_path):
@@ -131,3 +132,50 @@ def test_each_eval_setting_writes_its_own_report(trained_toy):
         assert report["n"] == 256  # the second estimate of the setting replaced the first
         assert (trained_toy / name / "metrics.jsonl").is_file()
     assert (own.read_bytes() if own.is_file() else None) == before
+
+
+def test_the_policy_is_a_model_artifact_and_eval_declares_it_as_its_input(tmp_path, monkeypatch):
+    """logger.log_model=true: policy/ is a W&B model artifact named after the run, recorded in
+    summary.json; `dmtune eval` of that checkpoint declares it as its input, offline too (the
+    record `wandb sync` sends; W&B dedupes the draft to the logged version by its digest)."""
+    for var in ("WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR"):  # W&B's staging copies
+        monkeypatch.setenv(var, str(tmp_path / var.lower()))
+    run_dir = tmp_path / "run"
+    result = runner.invoke(app, [
+        "train", "experiment=toy", "train.steps=3", "train.batch_size=16", "train.fit_samples=64",
+        "device.threads=1", "logger=wandb", "logger.mode=offline", "logger.log_model=true",
+        f"hydra.run.dir={run_dir}",
+    ])
+    assert result.exit_code == 0, result.output
+    run_id = (run_dir / "wandb_run_id.txt").read_text().strip()
+    summary = json.loads((run_dir / "summary.json").read_text())
+    model = summary["model_artifact"]
+    assert (model["name"], model["version"], model["step"]) == (f"model-{run_id}", None, 3)
+    assert any(line.startswith(f"W&B model artifact: {model['name']}") for line in
+               summary["logging"])
+    (logged,) = _model_artifacts(run_dir)
+    assert (logged["name"], logged["digest"]) == (model["name"], model["digest"])
+    files = {entry["path"] for entry in logged["manifest"]["contents"]}
+    assert {"config.json", "model.safetensors"} <= files
+    assert files == {p.name for p in (run_dir / "policy").iterdir()}
+
+    result = runner.invoke(app, ["eval", str(run_dir), "-n", "64", "--wandb", "offline"])
+    assert result.exit_code == 0, result.output
+    assert f"W&B input: model artifact model-{run_id}" in result.output
+    (used,) = _model_artifacts(run_dir / "eval")
+    assert used["use_after_commit"] is True and used["run_id"] != run_id  # the eval run's input
+    assert (used["name"], used["digest"]) == (model["name"], model["digest"])
+
+    # policy/ is no longer what was logged: no lineage claimed, one line says why
+    (run_dir / "policy" / "generation_config.json").write_text("{}")
+    result = runner.invoke(app, ["eval", str(run_dir), "-n", "64", "--wandb", "offline",
+                                 "--top-k", "2"])
+    assert result.exit_code == 0, result.output
+    assert f"changed since it was logged as {model['name']}" in result.output
+    assert _model_artifacts(run_dir / "eval-top_k=2") == []
+
+
+def _model_artifacts(path) -> list[dict]:
+    """The model artifacts a W&B run's local logs record (not its sample tables)."""
+    records = read_offline_records(path, "artifact")
+    return [r["artifact"] for r in records if r["artifact"]["type"] == "model"]
