@@ -405,8 +405,13 @@ class WandbSink:
                     logged["version"] = artifact.wait(timeout=self.options.timeout_s).version
                 except Exception:  # noqa: BLE001 - still uploading: finish waits for it
                     pass
-            version = f":{logged['version']}" if logged["version"] else ", version at sync"
-            self.model = f"W&B model artifact: {logged['name']}{version} ({path})"
+            if logged["version"]:
+                version = f":{logged['version']}"
+            elif run.offline:
+                version = " (its version is assigned by wandb sync)"
+            else:
+                version = f" (its version was not known within {self.options.timeout_s:g} s)"
+            self.model = f"W&B model artifact: {logged['name']}{version}, of {path}"
 
         self._call("model artifact", log)
         return logged or None
