@@ -9,7 +9,7 @@ objective's hyperparameters go to its loss unchanged, a feature's ``params`` to 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -117,14 +117,16 @@ def build_trainer(cfg: DictConfig) -> Trainer:
 
 @dataclass(frozen=True)
 class LogIdentity:
-    """What names a logged run beside its config: train or eval, its name and extra tags, and
-    the overrides it was launched with (they choose its W&B group)."""
+    """What names a logged run beside its config: train or eval, its name and extra tags, the
+    overrides it was launched with (they choose its W&B group), and what its W&B config holds
+    besides the run's config (an evaluation's settings)."""
 
     name: str
     job_type: str | None = None  # default: logger.job_type
     tags: tuple[str, ...] = ()
     wandb_mode: str | None = None  # default: logger.mode
     overrides: tuple[str, ...] = ()
+    config: Mapping[str, Any] | None = None  # extra top-level W&B config entries
 
 
 # overrides that do not make another experiment: runs differing only in these share a group
@@ -165,20 +167,26 @@ def wandb_options(cfg: DictConfig, identity: LogIdentity) -> WandbOptions:
     )
 
 
-def _wandb_sink(cfg: DictConfig, run_dir: Path, identity: LogIdentity) -> Sink:
+def _wandb_sink(
+    cfg: DictConfig, run_dir: Path, identity: LogIdentity, resume_step: int | None
+) -> Sink:
     config = OmegaConf.to_container(cfg, resolve=True)
     config["dmtune"] = {"version": __version__, "overrides": list(identity.overrides)}
-    return WandbSink(run_dir, wandb_options(cfg, identity), config=config)
+    config.update(identity.config or {})
+    return WandbSink(run_dir, wandb_options(cfg, identity), config, resume_step=resume_step)
 
 
 # logger.sinks: name → builder (metrics.jsonl is always written: it is the run's own record)
-SINKS: dict[str, Callable[[DictConfig, Path, LogIdentity], Sink]] = {"wandb": _wandb_sink}
+SINKS: dict[str, Callable[[DictConfig, Path, LogIdentity, int | None], Sink]] = {
+    "wandb": _wandb_sink
+}
 
 
 def build_logger(
     cfg: DictConfig, run_dir: str | Path, identity: LogIdentity, resume_step: int | None = None
 ) -> RunLogger:
-    """The run dir's JSONL files, then each sink of ``logger.sinks``."""
+    """The run dir's JSONL files, then each sink of ``logger.sinks``; ``resume_step``: the
+    checkpoint a resumed run continues from (each sink keeps what it has up to it)."""
     names = list(cfg.logger.sinks)
     if (
         identity.wandb_mode is not None
@@ -187,5 +195,5 @@ def build_logger(
             [] if identity.wandb_mode == "disabled" else ["wandb"]
         )
     sinks = [JsonlSink(RunDir(run_dir), resume_step=resume_step)]
-    sinks += [SINKS[name](cfg, Path(run_dir), identity) for name in names]
+    sinks += [SINKS[name](cfg, Path(run_dir), identity, resume_step) for name in names]
     return RunLogger(sinks)

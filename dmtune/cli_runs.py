@@ -60,16 +60,20 @@ def evaluate(
     entropy, distinct-1/2/3, self-BLEU, and exact values in exact mode (model=toy).
     With a warped decoding, estimates about π are importance-weighted by π/q;
     KL(p‖π), TV and log Z use n more samples, of the prior (bounded weights).
-    Logged to W&B as job_type=eval in the run's group.
-    Overrides apply to the run's config: with another constraint set its λ is fitted anew and
-    the report goes to eval-<overrides>.json (eval.json, the run's own, is kept).
+    Logged to W&B as job_type=eval in the run's group: the settings in its config (eval.*),
+    figures under eval/<metric>, standard errors under eval/<metric>_se; with the run's
+    policy logged as a model artifact (logger.log_model=true), the eval run uses it (lineage).
+    Each setting has its own report: a decoding other than ancestral sampling, or overrides
+    of the run's config (with another constraint set its λ is fitted anew), write
+    eval-<setting>.json, e.g. eval-top_p=0.9.json; eval.json, the run's own, is kept.
+    Another -n or --seed re-estimates the same setting (same file).
     \b
     Examples:
       dmtune eval outputs/2026-11-22/10-00-00_default_dpg_baseline
       dmtune eval RUN_DIR -n 4096 --top-p 0.9
       dmtune eval RUN_DIR constraint=gender      # the same policy against another target
     """
-    from dmtune.evaluate import evaluate_run
+    from dmtune.evaluate import eval_setting, evaluate_run
     from dmtune.priors import PriorUnavailableError
     from dmtune.rundir import RunDir
 
@@ -94,7 +98,10 @@ def evaluate(
     for key, value in report["metrics"].items():
         error = f" ± {errors[key]:.3g}" if key in errors else ""
         typer.echo(f"  {key:<36} {value:.4g}{error}")
-    typer.echo(f"wrote {RunDir(run_dir).eval_report(overrides)}")
+    for line in report["logging"]:  # where the W&B eval run is, and any W&B failure
+        typer.echo(line, err=True)
+    setting = eval_setting(temperature, top_k, top_p, overrides)
+    typer.echo(f"wrote {RunDir(run_dir).eval_report(setting)}")
 
 
 def sample(

@@ -120,6 +120,9 @@ class LoggerConfig:
     name: Optional[str] = None  # W&B run name; defaults to the run dir's name
     sweep: Optional[str] = None  # the sweep a run belongs to (dmtune sweep sets it): a W&B tag
     timeout_s: float = 60.0  # the longest W&B may hold the run at start (init) or end (finish)
+    # at the end of a run, log policy/ as a W&B artifact of type model (model-<W&B run id>);
+    # `dmtune eval` of that checkpoint then declares it as its input (lineage)
+    log_model: bool = False
 
 
 @dataclass

@@ -26,6 +26,8 @@ from dmtune.prompts import Contexts, join_contexts
 from dmtune.rundir import LoadedRun, RunDir, eval_name, load_run, micro_batch_sizes
 from dmtune.sampling import Decoding
 
+DECODING_OPTIONS = ("temperature", "top_k", "top_p")  # what eval may change in the sampler
+
 
 @torch.no_grad()
 def _draw(
@@ -100,14 +102,15 @@ def evaluate_run(
     cfg: DictConfig | None = None,
     overrides: list[str] | None = None,
 ) -> dict[str, Any]:
-    """Evaluate a run's last checkpoint; writes ``eval.json`` in the run dir and returns it.
+    """Evaluate a run's last checkpoint; writes its report in the run dir and returns it.
 
     ``cfg`` (the run's config with ``overrides`` applied, e.g. another constraint set) changes
-    what is measured; the report then goes to ``eval-<overrides>.json`` and ``eval.json``, the
-    run's own evaluation, is left as it is.
+    what is measured. Each setting has its own report (:func:`eval_setting`): ``eval.json`` for
+    ancestral sampling against the run's own target, ``eval-<setting>.json`` otherwise.
     """
     run_dir = RunDir(run_dir)
     overrides = list(overrides or [])
+    setting = eval_setting(temperature, top_k, top_p, overrides)
     run = load_run(run_dir.path, cfg)
     max_new_tokens = run.cfg.train.max_new_tokens
     if run.lm.prompts is not None:  # whole prompts: samples_per_prompt samples each
@@ -168,24 +171,51 @@ def evaluate_run(
         "standard_errors": errors,
         "examples": texts[:8],
     }
-    run_dir.eval_report(overrides).write_text(json.dumps(report, indent=1, allow_nan=True))
-    _log(run_dir, run.cfg, report, wandb_mode, eval_name(overrides))
+    path = run_dir.eval_report(setting)
+    path.write_text(json.dumps(report, indent=1, allow_nan=True))
+    # then the W&B eval run (its waits bounded): where it is and any W&B failure, one line each
+    report["logging"] = _log(run_dir, run.cfg, report, wandb_mode, eval_name(setting))
+    path.write_text(json.dumps(report, indent=1, allow_nan=True))
     return report
+
+
+def eval_setting(temperature: float, top_k: int, top_p: float, overrides: list[str]) -> list[str]:
+    """What tells one evaluation's files from another's: the decoding options that differ from
+    ancestral sampling's, then the overrides (``[]``: ancestral, the run's own target). ``n``
+    and the seed are not in it: another ``-n`` or ``--seed`` re-estimates the same setting."""
+    decoding = Decoding(temperature=temperature, top_k=top_k, top_p=top_p)
+    ancestral = Decoding()
+    changed = [
+        f"{name}={getattr(decoding, name):g}"
+        for name in DECODING_OPTIONS
+        if getattr(decoding, name) != getattr(ancestral, name)
+    ]
+    return [*changed, *overrides]
 
 
 def _log(
     run_dir: RunDir, cfg: DictConfig, report: dict[str, Any], mode: str | None, name: str
-) -> None:
-    """The evaluation's own log dir (``eval/``): a ``job_type=eval`` run in the training run's
-    group."""
+) -> list[str]:
+    """The evaluation's own log dir (``eval/``, ``eval-<setting>/``): a ``job_type=eval`` run in
+    the training run's group, its settings in its config, every figure under ``eval/<metric>``
+    and each standard error under ``eval/<metric>_se``; its input, the policy's model artifact
+    when the run logged one of this checkpoint."""
+    settings = {"n": report["n"], **report["decoding"], "overrides": report["overrides"]}
     identity = LogIdentity(
         name=f"{run_dir.name}-{name}",
         job_type="eval",
         tags=("eval",),
         wandb_mode=mode,
         overrides=run_dir.launch_overrides(),  # the training run's: an eval joins its group
+        config={"eval": settings},
     )
+    figures = {m.eval_metric(k): v for k, v in report["metrics"].items()}
+    figures |= {m.eval_error(k): v for k, v in report["standard_errors"].items()}
+    finite = {k: v for k, v in figures.items() if math.isfinite(v)}
+    model = run_dir.model_artifact()  # policy/ as logged by the run (logger.log_model=true)
     with build_logger(cfg, run_dir.path / name, identity) as logger:
-        finite = {k: v for k, v in report["metrics"].items() if math.isfinite(v)}
+        if model is not None and model["step"] == report["step"]:  # the policy measured here
+            logger.use_model(run_dir.policy, model)
         logger.log({m.SAMPLES_SEEN: report["samples_seen"], **finite}, step=report["step"])
         logger.summary(finite)
+    return logger.notes()

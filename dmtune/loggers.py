@@ -3,12 +3,12 @@
 :class:`JsonlSink` writes the run dir's own record — ``metrics.jsonl`` (one JSON object per
 logged step), ``samples.jsonl``, ``summary.json`` — and is always on; :class:`WandbSink` adds a
 W&B run (``wandb/`` and ``wandb_run_id.txt``, so that a resumed run continues the same W&B
-run) when ``logger.sinks`` names it. Non-finite floats are written as the strings ``"NaN"``,
-``"Infinity"`` and ``"-Infinity"`` (W&B's own spelling) so that every line is valid JSON;
-:func:`read_jsonl` turns them back into floats. A W&B failure never stops training: W&B's own
-waits (init, finish) are bounded by ``logger.timeout_s``, and a failure turns the sink off with
-one line (:attr:`WandbSink.problem`) that the run's summary shows, with the ``wandb sync``
-command that uploads the local copy later.
+run and gives it each step once) when ``logger.sinks`` names it. Non-finite floats are written
+as the strings ``"NaN"``, ``"Infinity"`` and ``"-Infinity"`` (W&B's own spelling) so that every
+line is valid JSON; :func:`read_jsonl` turns them back into floats. A W&B failure never stops
+training: W&B's own waits (init, finish) are bounded by ``logger.timeout_s``, and a failure
+turns the sink off with one line (:attr:`WandbSink.problem`) that the run's summary shows, with
+the ``wandb sync`` command that uploads the local copy later.
 """
 
 from __future__ import annotations
@@ -17,8 +17,6 @@ import json
 import math
 import os
 import re
-import subprocess
-import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +25,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from dmtune.metrics import SAMPLES_SEEN as SAMPLES_SEEN_KEY
 from dmtune.rundir import WANDB_RUN_ID_FILE, RunDir, atomic_write_text
+from dmtune.wandb_log import last_step, log_files
 
 if TYPE_CHECKING:
     import wandb
@@ -35,10 +34,11 @@ if TYPE_CHECKING:
 WANDB_MODES = ("auto", "online", "offline", "disabled")
 WANDB_TAG_MAX = 64  # W&B refuses a run whose tag is longer
 WANDB_GROUP_MAX = 128
+WANDB_ARTIFACT_NAME_MAX = 128  # W&B's limit; '/' and ':' are not allowed either
+MODEL_ARTIFACT_TYPE = "model"
 WHERE_ONLINE, WHERE_OFFLINE = "W&B run: ", "W&B (offline): "  # the lines saying where a run is
 RUN_ID_FILE = WANDB_RUN_ID_FILE
 _NONFINITE = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
-_INSPECT_TIMEOUT_S = 120
 
 
 def to_python(value: Any) -> Any:
@@ -75,12 +75,17 @@ def _decode_nonfinite(value: Any) -> Any:
     return _NONFINITE.get(value, value) if isinstance(value, str) else value
 
 
+def decode_nonfinite(value: Any) -> Any:
+    """``"NaN"``, ``"Infinity"``, ``"-Infinity"`` anywhere in nested dicts and lists as floats."""
+    return _map_leaves(value, _decode_nonfinite)
+
+
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
     """Records of a JSONL file, non-finite strings back as floats; a torn last line is skipped."""
     records = []
     for line in Path(path).read_text(encoding="utf-8").splitlines():
         try:
-            records.append(_map_leaves(json.loads(line), _decode_nonfinite))
+            records.append(decode_nonfinite(json.loads(line)))
         except json.JSONDecodeError:
             continue
     return records
@@ -232,6 +237,33 @@ def sync_command(run: wandb.Run) -> str:
     return f"wandb sync {online}{local}"
 
 
+def last_step_before(run: wandb.Run, run_dir: RunDir) -> int:
+    """The last step W&B has of ``run`` from before this process (−1: none): online, the step
+    before W&B's own resume point (``run.starting_step``: the server's last step + 1); offline,
+    the last step in the run's earlier local logs (``wandb sync`` uploads exactly those)."""
+    if not run.offline:
+        return run.starting_step - 1
+    current = Path(run.dir).parent  # this process's log dir
+    return last_step([f for f in log_files(run_dir.path, run.id) if f.parent != current])
+
+
+def model_artifact_name(run_id: str) -> str:
+    """``model-<W&B run id>``: one name per run, the same after a resume, within W&B's rules."""
+    return re.sub(r"[^A-Za-z0-9_.-]", "-", f"model-{run_id}")[:WANDB_ARTIFACT_NAME_MAX]
+
+
+def _model_artifact(
+    path: Path, name: str, metadata: Mapping[str, Any] | None = None, copy: bool = True
+) -> wandb.Artifact:
+    """A draft model artifact of the files under ``path``; ``copy=False`` keeps W&B from
+    staging a copy (the files are read where they are when it uploads them)."""
+    import wandb
+
+    artifact = wandb.Artifact(name, type=MODEL_ARTIFACT_TYPE, metadata=dict(metadata or {}))
+    artifact.add_dir(str(path), policy="mutable" if copy else "immutable")
+    return artifact
+
+
 class Sink(Protocol):
     """Where a run's records go. Every method is called from the training loop, in order."""
 
@@ -288,14 +320,26 @@ def merge_summary(run_dir: RunDir, values: Mapping[str, Any]) -> None:
 
 class WandbSink:
     """A W&B run (offline or online). Any W&B failure turns this sink off and is kept as one
-    line in :attr:`problem`; :attr:`where` says where the run can be seen or how to upload it."""
+    line in :attr:`problem`; :attr:`where` says where the run can be seen or how to upload it.
+
+    resume_step: on resume, the checkpoint's step. W&B keeps every step it was given and a
+    SIGKILL loses the tail of its buffer, so the resumed run first sends W&B the steps up to the
+    checkpoint that W&B lacks (from ``metrics.jsonl`` and ``samples.jsonl``), then only the
+    steps after the last one W&B has: each step reaches W&B once, with the run dir's values.
+    """
 
     def __init__(
-        self, run_dir: str | Path, options: WandbOptions, config: Mapping[str, Any] | None = None
+        self,
+        run_dir: str | Path,
+        options: WandbOptions,
+        config: Mapping[str, Any] | None = None,
+        resume_step: int | None = None,
     ) -> None:
         self.options = options
         self.problem: str | None = None
         self.where: str | None = None
+        self.has_through = -1  # W&B already has every step up to this one (resume)
+        self.model: str | None = None  # the model artifact this run logged or used, one line
         try:
             self.run = init_wandb(run_dir, options, config)
         except Exception as error:  # noqa: BLE001 - W&B must never stop training
@@ -305,14 +349,31 @@ class WandbSink:
             url = self.run.url if not self.run.offline else None
             offline = f"{WHERE_OFFLINE}{sync_command(self.run)}"
             self.where = f"{WHERE_ONLINE}{url}" if url else offline
+        if resume_step is not None:
+            self._call("resume", lambda run: self._catch_up(run, RunDir(run_dir), resume_step))
+
+    def _catch_up(self, run: wandb.Run, run_dir: RunDir, resume_step: int) -> None:
+        """Send W&B the logged steps up to ``resume_step`` it lacks, samples before metrics as
+        when they were logged, and skip from then on every step W&B has."""
+        last = last_step_before(run, run_dir)
+        samples: dict[int, list[dict[str, Any]]] = {}
+        for row in read_jsonl(run_dir.samples) if run_dir.samples.is_file() else []:
+            samples.setdefault(row.pop("step"), []).append(row)
+        for row in read_jsonl(run_dir.metrics) if run_dir.metrics.is_file() else []:
+            step = row.pop("step")
+            if last < step <= resume_step:
+                self.log_samples(samples.get(step, []), step)
+                self.log(row, step)
+        self.has_through = max(last, resume_step)
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
-        self._call("log", lambda run: run.log(metrics, step=step))
+        if step > self.has_through:
+            self._call("log", lambda run: run.log(metrics, step=step))
 
     def log_samples(self, rows: list[dict[str, Any]], step: int, key: str = "samples") -> None:
         """The rows as a ``wandb.Table`` under ``key``; W&B merges it into the history row of
         ``step``, so it must come before the next step's ``log``."""
-        if not rows:
+        if not rows or step <= self.has_through:
             return
         columns = list(dict.fromkeys(column for row in rows for column in row))
 
@@ -327,6 +388,58 @@ class WandbSink:
             )
 
         self._call("table", log_table)
+
+    def log_model(self, path: Path, metadata: Mapping[str, Any]) -> dict[str, Any] | None:
+        """Log the files under ``path`` as this run's model artifact; its name, version (online,
+        once W&B has it within ``timeout_s``; offline, ``wandb sync`` assigns it) and digest,
+        or None when W&B is off or failed."""
+        logged: dict[str, Any] = {}
+
+        def log(run: wandb.Run) -> None:
+            artifact = run.log_artifact(
+                _model_artifact(path, model_artifact_name(run.id), metadata)
+            )
+            logged.update(name=artifact.name, version=None, digest=artifact.digest)
+            if not run.offline:
+                try:
+                    logged["version"] = artifact.wait(timeout=self.options.timeout_s).version
+                except Exception:  # noqa: BLE001 - still uploading: finish waits for it
+                    pass
+            if logged["version"]:
+                version = f":{logged['version']}"
+            elif run.offline:
+                version = " (its version is assigned by wandb sync)"
+            else:
+                version = f" (its version was not known within {self.options.timeout_s:g} s)"
+            self.model = f"W&B model artifact: {logged['name']}{version}, of {path}"
+
+        self._call("model artifact", log)
+        return logged or None
+
+    def use_model(self, path: Path, logged: Mapping[str, Any]) -> None:
+        """Declare the model artifact ``logged`` (:meth:`log_model`'s record) as this run's
+        input: W&B's lineage from the training run to this one.
+
+        ``Run.use_artifact`` refuses offline runs and waits without bound on a draft artifact;
+        what it does with one — log it with ``use_after_commit`` — works offline too (recorded
+        in the local log, sent by ``wandb sync``) and is what this does. W&B keeps one version
+        per content, so the draft rebuilt from ``path`` is the version the training run logged;
+        when ``path`` no longer matches its digest, one line says so and nothing is declared.
+        A failure here is one line and leaves the run's logging on."""
+        if self.run is None:
+            return
+        try:
+            artifact = _model_artifact(path, logged["name"], copy=False)
+            if artifact.digest != logged["digest"]:
+                self.model = (
+                    f"W&B: {path} changed since it was logged as {logged['name']}; "
+                    "this run does not declare it as its input"
+                )
+                return
+            self.run._log_artifact(artifact, is_user_created=True, use_after_commit=True)
+            self.model = f"W&B input: model artifact {logged['name']} ({path})"
+        except Exception as error:  # noqa: BLE001 - lineage is a nicety; the figures matter
+            self.model = f"W&B could not declare {logged['name']} as input ({_one_line(error)})"
 
     def summary(self, values: dict[str, Any]) -> None:
         """Nested dicts flattened: ``{"final": {"a/b": 1}}`` is ``final/a/b`` (W&B's panels and
@@ -390,10 +503,11 @@ class RunLogger:
         self._shown: set[str] = set()
 
     def notes(self) -> list[str]:
-        """Where each remote run lives, and each failure of a remote sink (one line each)."""
+        """Where each remote run lives, the model artifact it logged or used, and each failure
+        of a remote sink (one line each)."""
         lines = []
         for sink in self.sinks:
-            lines += [getattr(sink, "where", None), getattr(sink, "problem", None)]
+            lines += [getattr(sink, k, None) for k in ("where", "model", "problem")]
         return [line for line in lines if line]
 
     def new_notes(self) -> list[str]:
@@ -412,7 +526,7 @@ class RunLogger:
     ) -> RunLogger:
         sinks: list[Sink] = [JsonlSink(RunDir(run_dir), resume_step=resume_step)]
         if wandb_options is not None:
-            sinks.append(WandbSink(run_dir, wandb_options, config))
+            sinks.append(WandbSink(run_dir, wandb_options, config, resume_step=resume_step))
         return cls(sinks)
 
     @property
@@ -435,6 +549,17 @@ class RunLogger:
         for sink in self.sinks:
             sink.log_samples(rows, step)
 
+    def log_model(self, path: Path, metadata: Mapping[str, Any]) -> dict[str, Any] | None:
+        """Log ``path`` (the trained policy) as a W&B model artifact; what names it, or None."""
+        logged = [s.log_model(path, metadata) for s in self.sinks if isinstance(s, WandbSink)]
+        return next((record for record in logged if record), None)
+
+    def use_model(self, path: Path, logged: Mapping[str, Any]) -> None:
+        """Declare the model artifact ``logged`` (of ``path``) as this run's input (W&B)."""
+        for sink in self.sinks:
+            if isinstance(sink, WandbSink):
+                sink.use_model(path, logged)
+
     def summary(self, values: Mapping[str, Any]) -> None:
         """Merge ``values`` into ``summary.json`` and the W&B run summary."""
         values = to_python(values)
@@ -456,50 +581,3 @@ class RunLogger:
         tb: TracebackType | None,
     ) -> None:
         self.close()
-
-
-def _natural_key(path: Path) -> list[Any]:
-    """Sort key putting ``...-id`` before ``...-id-1`` before ``...-id-10``."""
-    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", path.parent.name)]
-
-
-def read_offline_history(path: str | Path) -> list[dict[str, Any]]:
-    """History rows of the local W&B run logs under ``path``, in logging order.
-
-    ``path`` is a run dir, a ``wandb/`` dir, one W&B run dir or a ``.wandb`` file. Each
-    ``.wandb`` transaction log (offline runs, and the local copy of online ones; a resumed run
-    has one per segment) is read with ``wandb leet inspect --json``. Rows hold the logged keys
-    plus ``_step``, ``_runtime``, ``_timestamp``; nested values such as tables are flattened
-    with dots (``samples._type``); non-finite values come back as floats. Needs wandb ≥ 0.31
-    (the first with ``leet inspect --json``); dmtune itself runs on wandb ≥ 0.27.
-    """
-    from importlib.metadata import version
-
-    installed = version("wandb")
-    if tuple(int(p) for p in re.findall(r"\d+", installed)[:2]) < (0, 31):
-        raise RuntimeError(
-            f"reading W&B's local logs needs `wandb leet inspect --json` (wandb >= 0.31); "
-            f"wandb {installed} is installed"
-        )
-    path = Path(path)
-    if path.is_file():
-        files = [path]
-    else:
-        base = path / "wandb" if (path / "wandb").is_dir() else path
-        files = sorted(base.glob("*run-*/run-*.wandb"), key=_natural_key) or sorted(
-            base.glob("run-*.wandb")
-        )
-    rows = []
-    for file in files:
-        out = subprocess.run(
-            [sys.executable, "-m", "wandb", "leet", "inspect", "--json", str(file)],
-            capture_output=True,
-            text=True,
-            check=True,
-            timeout=_INSPECT_TIMEOUT_S,
-        ).stdout
-        for line in out.splitlines():
-            record = json.loads(line)
-            if record.get("type") == "history":
-                rows.append(_map_leaves(record["history"]["item"], _decode_nonfinite))
-    return rows

@@ -52,6 +52,7 @@ EXACT_KL_POLICY_PRIOR = "exact/kl_policy_prior"
 EXACT_TV_TARGET_POLICY = "exact/tv_target_policy"
 EXACT_ENTROPY = "exact/entropy"
 CONSTRAINT = "constraint/"  # constraint/<feature>
+EVAL = "eval/"  # eval/<metric>, eval/<metric>_se: dmtune eval's figures
 
 
 def constraint(feature: str) -> str:
@@ -66,6 +67,16 @@ def constraint_target(feature: str) -> str:
 
 def exact_constraint(feature: str) -> str:
     return f"exact/{CONSTRAINT}{feature}"
+
+
+def eval_metric(metric: str) -> str:
+    """``eval/<metric>``: ``dmtune eval``'s estimate of a metric (not a training step's)."""
+    return f"{EVAL}{metric}"
+
+
+def eval_error(metric: str) -> str:
+    """``eval/<metric>_se``: the standard error of ``dmtune eval``'s estimate."""
+    return f"{EVAL}{metric}_se"
 
 
 def is_constraint_rate(key: str) -> bool:
@@ -141,6 +152,12 @@ GLOSSARY: tuple[tuple[tuple[str, ...], str], ...] = (
         ),
         "with `model=toy`: the same quantities computed exactly by enumeration (eval steps)",
     ),
+    (
+        (eval_metric("<metric>"), eval_error("<metric>")),
+        "`dmtune eval`: a metric above on fresh samples of the checkpoint, and its standard error "
+        "where it has one (the eval run's own keys; its settings are in its W&B config under "
+        "`eval`)",
+    ),
 )
 
 
@@ -150,8 +167,17 @@ def glossary_names() -> list[str]:
 
 
 def glossary_pattern(name: str) -> re.Pattern[str]:
-    """The logged keys a glossary name stands for (``<feature>`` matches any feature name)."""
-    return re.compile(re.escape(name).replace(re.escape("<feature>"), r"[^/]+") + r"\Z")
+    """The logged keys a glossary name stands for (``<feature>`` matches any feature name,
+    ``<metric>`` any other glossary name)."""
+    return re.compile(_glossary_regex(name) + r"\Z")
+
+
+def _glossary_regex(name: str) -> str:
+    regex = re.escape(name).replace(re.escape("<feature>"), r"[^/]+")
+    if "<metric>" in name:
+        metrics = "|".join(_glossary_regex(n) for n in glossary_names() if "<metric>" not in n)
+        regex = regex.replace(re.escape("<metric>"), f"(?:{metrics})")
+    return regex
 
 
 def glossary_markdown() -> str:

@@ -114,10 +114,17 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         )
         summary.update(started_at=started_at, finished_at=time.time(), diverged=diverged)
         logger.summary(summary)
+        if not diverged and kept and stop.signal is None:  # finished: the policy, for transformers
+            trainer.save_policy(run.policy)
+            if cfg.logger.log_model:  # what `dmtune eval` of this checkpoint declares as input
+                metadata = {k: summary[k] for k in ("objective", "steps", "samples_seen")}
+                logged = logger.log_model(run.policy, metadata)
+                step = {"step": trainer.step_count}
+                summary["model_artifact"] = {**logged, **step} if logged else None
     # closed: a W&B server that did not answer in logger.timeout_s is one line, not a hang
-    summary["logging"] = logger.notes()  # where the W&B run is, and any W&B failure
+    summary["logging"] = logger.notes()  # where the W&B run is, its model, any W&B failure
     summary["logging_unshown"] = logger.new_notes()  # the failures at the end
-    merge_summary(run, {"logging": summary["logging"]})
+    merge_summary(run, {k: summary[k] for k in ("logging", "model_artifact") if k in summary})
 
     if diverged or not kept:
         saved = f"step {trainer.step_count}'s" if kept else "the previous checkpoint's"
@@ -127,8 +134,6 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             f"holds {saved} finite weights; lower train.lr (now {train_cfg.lr:g}) or keep "
             f"device.dtype=float32 (now {cfg.device.dtype})"
         )
-    if stop.signal is None:
-        trainer.save_policy(run.policy)
     return summary
 
 

@@ -10,10 +10,11 @@
   checkpoints/last.pt                 policy, proposal, optimizer, log Ẑ, λ, RNG states (atomic)
   policy/                             the fine-tuned model, loadable with transformers
   summary.json                        the prior's rates and every metric's mean over the last
-                                      10 steps
+                                      10 steps; the W&B lines and model artifact
   wandb/  wandb_run_id.txt            the W&B run, when the wandb sink is on
   eval.json  eval/                    `dmtune eval`: metrics ± standard errors, the W&B eval run
-  eval-<overrides>.json               `dmtune eval RUN_DIR constraint=...`: against another target
+  eval-<setting>.json  eval-<setting>/  `dmtune eval` with a warped decoding (--top-p 0.9) or
+                                      overrides (constraint=...): one report per setting
 ```
 
 :func:`load_run` rebuilds what a run trained — prior, policy, proposal, target with its λ —
@@ -23,6 +24,7 @@ from the saved config and the last checkpoint, without an optimizer: what ``eval
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -98,13 +100,14 @@ class RunDir:
     def wandb_run_id(self) -> Path:
         return self.path / WANDB_RUN_ID_FILE
 
-    def eval_report(self, overrides: list[str] | None = None) -> Path:
-        """``eval.json`` for the run's own evaluation, ``eval-<overrides>.json`` otherwise."""
-        return self.path / f"{eval_name(overrides or [])}.json"
+    def eval_report(self, setting: list[str] | None = None) -> Path:
+        """``eval.json`` for the run's own evaluation, ``eval-<setting>.json`` for another
+        setting (:func:`dmtune.evaluate.eval_setting`: decoding options and overrides)."""
+        return self.path / f"{eval_name(setting or [])}.json"
 
-    def eval_dir(self, overrides: list[str] | None = None) -> Path:
-        """Where an evaluation's own logs (its W&B run) go."""
-        return self.path / eval_name(overrides or [])
+    def eval_dir(self, setting: list[str] | None = None) -> Path:
+        """Where an evaluation's own logs (``metrics.jsonl``, its W&B run) go."""
+        return self.path / eval_name(setting or [])
 
     # --- reading ---
 
@@ -136,6 +139,13 @@ class RunDir:
     def read_calibration(self) -> dict[str, Any]:
         return json.loads(self.calibration.read_text())
 
+    def model_artifact(self) -> dict[str, Any] | None:
+        """The W&B model artifact ``policy/`` was logged as (``logger.log_model=true``): name,
+        version (None until W&B assigns it), digest and the checkpoint's step; or None."""
+        if not self.summary.is_file():
+            return None
+        return json.loads(self.summary.read_text()).get("model_artifact")
+
     def read_eval(self) -> dict[str, Any] | None:
         """The run's own ``eval.json`` metrics, or None before ``dmtune eval``."""
         path = self.eval_report()
@@ -150,11 +160,16 @@ def atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def eval_name(overrides: list[str]) -> str:
-    """``eval`` for the run's own evaluation, ``eval-<overrides>`` (file-name safe) otherwise."""
-    if not overrides:
+def eval_name(setting: list[str]) -> str:
+    """``eval`` for the run's own evaluation, ``eval-<setting>`` (file-name safe) otherwise; a
+    long setting is cut and ends with a digest of the whole, so two settings never share a name."""
+    if not setting:
         return EVAL_NAME
-    return "eval-" + _UNSAFE_IN_NAMES.sub("_", "_".join(overrides))[:_MAX_EVAL_NAME]
+    name = _UNSAFE_IN_NAMES.sub("_", "_".join(setting))
+    if len(name) > _MAX_EVAL_NAME:
+        digest = hashlib.sha1("\0".join(setting).encode()).hexdigest()[:8]
+        name = f"{name[: _MAX_EVAL_NAME - 9]}~{digest}"
+    return f"{EVAL_NAME}-{name}"
 
 
 @dataclass

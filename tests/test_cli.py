@@ -14,10 +14,11 @@ import pytest
 from typer.testing import CliRunner
 
 from dmtune.cli import app
-from dmtune.loggers import read_jsonl, read_offline_history
+from dmtune.loggers import read_jsonl
 from dmtune.objectives import OBJECTIVES
 from dmtune.overrides import CONF_DIR
 from dmtune.priors import TINY_PRIOR_DIR
+from dmtune.wandb_log import read_offline_history
 
 runner = CliRunner()
 needs_tiny = pytest.mark.skipif(

@@ -20,6 +20,7 @@ from dmtune import checkpoint
 from dmtune.cli import app
 from dmtune.loggers import read_jsonl
 from dmtune.priors import TINY_PRIOR_DIR
+from dmtune.wandb_log import read_offline_history
 
 runner = CliRunner()
 needs_tiny = pytest.mark.skipif(
@@ -209,6 +210,40 @@ def test_sigkill_at_random_moments_then_resume_gives_the_uninterrupted_run(tmp_p
     assert _without_perf(read_jsonl(run_dir / "metrics.jsonl")) == _without_perf(
         read_jsonl(straight / "metrics.jsonl")
     )
+
+
+def test_sigkill_then_resume_gives_wandb_each_step_once_as_in_metrics_jsonl(tmp_path, monkeypatch):
+    """W&B loses what it still buffered at a SIGKILL, and keeps what it wrote: the resumed run
+    sends it exactly the steps it lacks, with the run dir's values."""
+    for var in ("WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR"):
+        monkeypatch.setenv(var, str(tmp_path / var.lower()))
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    run_dir = tmp_path / "killed"
+    args = [*TOY[:1], "train.steps=60", *TOY[2:-1], "train.checkpoint_every=30",
+            "train.eval_every=5", "logger=wandb", f"hydra.run.dir={run_dir}"]
+    # its own W&B service: one inherited from this process (WANDB_SERVICE) outlives the kill
+    env = {k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"}
+    process = subprocess.Popen([sys.executable, "-m", "dmtune", "train", *args], env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.monotonic() + SUBPROCESS_TIMEOUT_S
+    while not (metrics.is_file() and len(metrics.read_text().splitlines()) > 45):
+        assert process.poll() is None and time.monotonic() < deadline, process.stderr.read()
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    killed_at = read_jsonl(metrics)[-1]["step"]
+    assert killed_at < 60 and checkpoint.load_checkpoint(run_dir / "checkpoints" / "last.pt")
+
+    result = dmtune("train", f"resume={run_dir}")
+    assert result.exit_code == 0, result.output
+    assert len(list((run_dir / "wandb").glob("offline-run-*"))) == 2  # one log per attempt
+    history, local = read_offline_history(run_dir), read_jsonl(metrics)
+    assert [row["_step"] for row in history] == [row["step"] for row in local] == list(range(61))
+    for row, line in zip(history, _without_perf(local)):  # perf/: the recomputed steps' timings
+        assert {k: row[k] for k in line if k != "step"} == {k: v for k, v in line.items()
+                                                             if k != "step"}, line["step"]
+    assert sum("samples._type" in row for row in history) == 12  # every sample table, once
 
 
 @needs_tiny

@@ -17,14 +17,16 @@ import torch
 
 from dmtune.loggers import (
     RUN_ID_FILE,
+    JsonlSink,
     JsonlWriter,
     RunLogger,
     WandbOptions,
     read_jsonl,
-    read_offline_history,
     resolve_wandb_mode,
     to_python,
 )
+from dmtune.rundir import RunDir
+from dmtune.wandb_log import read_offline_history
 
 OFFLINE = WandbOptions(mode="offline", project="dmtune-test", group="g", tags=("unit",))
 CONFIG = {"objective": {"name": "dpg", "lr": 1e-3}, "seed": 0}
@@ -134,20 +136,43 @@ def test_config_tags_and_summary_reach_wandb(offline_run: Path) -> None:
     assert json.loads((offline_run / "summary.json").read_text()) == {"final/kl": 0.1}
 
 
-def test_resume_reuses_run_id_and_drops_later_lines(offline_run: Path, tmp_path: Path) -> None:
+def test_resume_reuses_run_id_and_sends_wandb_no_step_twice(
+    offline_run: Path, tmp_path: Path
+) -> None:
     run_dir = shutil.copytree(offline_run, tmp_path / "run")
     run_id = (run_dir / RUN_ID_FILE).read_text().strip()
     with RunLogger.open(run_dir, OFFLINE, config=CONFIG, resume_step=1) as logger:
         assert logger.wandb_run is not None and logger.wandb_run.id == run_id
         assert [row["step"] for row in read_jsonl(run_dir / "metrics.jsonl")] == [0, 1]
         assert read_jsonl(run_dir / "samples.jsonl") == []
-        logger.log({"train/loss": 0.75}, step=2)
-    assert [row["step"] for row in read_jsonl(run_dir / "metrics.jsonl")] == [0, 1, 2]
+        logger.log({**STEPS[2], "samples_seen": 12}, step=2)  # recomputed: W&B has it already
+        logger.log({"train/loss": 0.25, "samples_seen": 16}, step=3)
+    assert [row["step"] for row in read_jsonl(run_dir / "metrics.jsonl")] == [0, 1, 2, 3]
     segments = sorted((run_dir / "wandb").glob("offline-run-*"))
     assert len(segments) == 2 and all(seg.name.split("-")[3] == run_id for seg in segments)
     history = read_offline_history(run_dir)
-    assert [row["_step"] for row in history] == [0, 1, 2, 2]
-    assert history[-1]["train/loss"] == 0.75
+    assert [row["_step"] for row in history] == [0, 1, 2, 3]
+    assert history[-1]["train/loss"] == 0.25
+
+
+def test_resume_sends_wandb_the_steps_its_log_lost(tmp_path: Path) -> None:
+    """A SIGKILL loses what W&B still buffered: the resumed run sends those steps (and their
+    samples) from the run dir, then carries on."""
+    run_dir = tmp_path / "run"
+    with RunLogger.open(run_dir, OFFLINE, config=CONFIG) as logger:
+        for step in (0, 1):
+            logger.log({**STEPS[step], "samples_seen": 4 * (step + 1)}, step=step)
+    with RunLogger([JsonlSink(RunDir(run_dir))]) as lost:  # in metrics.jsonl, lost by W&B
+        lost.log_samples(SAMPLES, step=2)
+        lost.log({**STEPS[2], "samples_seen": 12}, step=2)
+    with RunLogger.open(run_dir, OFFLINE, config=CONFIG, resume_step=2) as logger:
+        logger.log({"train/loss": 0.25, "samples_seen": 16}, step=3)
+    history = read_offline_history(run_dir)
+    local = read_jsonl(run_dir / "metrics.jsonl")
+    assert [row["_step"] for row in history] == [row["step"] for row in local] == [0, 1, 2, 3]
+    for row, line in zip(history, local):
+        assert all(_same(row[key], value) for key, value in line.items() if key != "step")
+    assert (history[2]["samples._type"], history[2]["samples.nrows"]) == ("table-file", 2)
 
 
 def test_disabled_writes_no_wandb_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -97,7 +97,7 @@ def test_a_run_logged_online_is_on_the_server_as_in_its_run_dir(server, tmp_path
     _, url = server
     run_dir = tmp_path / "run"
     process = _dmtune(_env(tmp_path, url), "train", *TOY, "train.steps=3", "logger.mode=online",
-                      "logger.timeout_s=30", f"hydra.run.dir={run_dir}")
+                      "logger.timeout_s=30", "logger.log_model=true", f"hydra.run.dir={run_dir}")
     output, _ = process.communicate(timeout=RUN_TIMEOUT_S)
     assert process.returncode == 0, output
     run_id = (run_dir / "wandb_run_id.txt").read_text().strip()
@@ -117,6 +117,12 @@ def test_a_run_logged_online_is_on_the_server_as_in_its_run_dir(server, tmp_path
         k: v for k, v in final.items() if v is not None
     }
     assert remote["config"]["_wandb"]["value"]["m"][0]["1"] == "samples_seen"  # the x-axis
+    # the policy as a model artifact (openwandb stores what was logged; it has no lineage API)
+    artifacts = _get(f"{url}/api/v2/runs/{run_id}/artifacts")["artifacts"]
+    models = [a for a in artifacts if a["artifact_type"] == "model"]
+    name = json.loads((run_dir / "summary.json").read_text())["model_artifact"]["name"]
+    assert [a["name"] for a in models] == [name] == [f"model-{run_id}"]
+    assert models[0]["metadata"] == {"objective": "dpg_baseline", "steps": 3, "samples_seen": 48}
 
 
 def test_a_server_that_dies_mid_run_costs_a_bounded_wait_and_one_line(server, tmp_path):
