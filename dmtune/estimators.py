@@ -127,8 +127,11 @@ def entropy(log_model: torch.Tensor, log_proposal: torch.Tensor) -> torch.Tensor
 
 
 def effective_sample_size(log_weights: torch.Tensor) -> torch.Tensor:
-    """``(Σw)² / Σw²`` from log-weights; between 1 and n."""
-    return torch.exp(2 * torch.logsumexp(log_weights, 0) - torch.logsumexp(2 * log_weights, 0))
+    """``(Σw)² / Σw²`` from log-weights; between 1 and n, and 0 when every weight is 0 (no
+    sample of the batch meets a pointwise constraint)."""
+    log_sum = torch.logsumexp(log_weights, 0)
+    ess = torch.exp(2 * log_sum - torch.logsumexp(2 * log_weights, 0))
+    return torch.where(torch.isneginf(log_sum), torch.zeros_like(ess), ess)
 
 
 def terms_with_log_z_error(

@@ -109,7 +109,8 @@ GLOSSARY: tuple[tuple[tuple[str, ...], str], ...] = (
     ),
     (
         (ESS,),
-        "effective sample size `(Σw)²/Σw²` of the batch's target weights (out of `batch_size`)",
+        "effective sample size `(Σw)²/Σw²` of the batch's target weights (out of `batch_size`; "
+        "0 when no sample meets the pointwise constraints)",
     ),
     (
         (UNREACHED_CONTEXTS,),

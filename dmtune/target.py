@@ -290,8 +290,9 @@ class RunningLogZ:
 
     def update(self, log_weights: torch.Tensor) -> torch.Tensor:
         """Add a batch of ``log P − log q``; return the new ``log Ẑ`` (a 0-d float64 tensor)."""
-        batch_sum = torch.logsumexp(log_weights.detach().double().cpu(), 0)
-        self.log_sum = torch.logaddexp(self.log_sum, batch_sum)
+        # on the weights' device: no host sync per step on a GPU (state_dict() syncs, rarely)
+        batch_sum = torch.logsumexp(log_weights.detach().double(), 0)
+        self.log_sum = torch.logaddexp(self.log_sum.to(batch_sum.device), batch_sum)
         self.count += log_weights.numel()
         return self.value
 

@@ -130,6 +130,8 @@ def test_effective_sample_size():
     # no overflow in log space
     large = torch.tensor([1000.0, 1000.0, float("-inf")], dtype=torch.float64)
     assert est.effective_sample_size(large).item() == pytest.approx(2.0)
+    # no sample meets the constraint: every weight is 0, and so is the ESS (not NaN)
+    assert est.effective_sample_size(torch.full((8,), float("-inf"))).item() == 0.0
 
 
 def test_distinct_n_and_self_bleu():
