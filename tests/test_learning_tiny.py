@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import statistics
 
 import pytest
@@ -25,7 +26,12 @@ WINDOW = 10  # steps averaged for the final rate: 2,560 samples at the default b
 def test_default_train_raises_the_sentiment_rate_well_above_the_prior(tmp_path):
     run_dir = tmp_path / "run"
     result = CliRunner().invoke(
-        app, ["train", f"train.steps={LEARNING_STEPS}", "logger=none", f"hydra.run.dir={run_dir}"]
+        app,
+        [
+            "train", f"train.steps={LEARNING_STEPS}", "logger=none", f"hydra.run.dir={run_dir}",
+            # every core: tests before this one, in this process, may have set torch to 1 thread
+            f"device.threads={os.cpu_count() or 1}",
+        ],
     )
     assert result.exit_code == 0, result.output
     calibration = json.loads((run_dir / "calibration.json").read_text())
