@@ -64,7 +64,7 @@ class ConstraintConfig:
 
 @dataclass
 class TrainConfig:
-    steps: int = 100  # optimizer steps (~5 min at the defaults on 2 free CPU cores)
+    steps: int = 100  # optimizer steps (~5.5 min at the defaults on 2 free CPU cores)
     batch_size: int = 256  # samples per step
     max_new_tokens: int = 32  # tokens per sample (EOS included)
     prompt: str = ""  # every sample continues BOS + prompt (when train.prompts is not set)
