@@ -134,3 +134,18 @@ def test_a_lora_run_saves_its_adapter_and_merged_model_and_eval_and_sample_load_
     assert torch.allclose(from_adapter, from_merged, atol=1e-5)
     assert torch.allclose(prior, truth, atol=1e-6)
     assert not torch.allclose(from_adapter, truth, atol=1e-3)
+
+
+def test_lora_dropout_acts_in_the_update_only():
+    dropout = SimpleNamespace(**{**vars(LORA), "dropout": 0.3})
+    trainer = _trainer("dpg_baseline", lora=dropout)
+    modules = [m for n, m in trainer.policy.named_modules()
+               if isinstance(m, torch.nn.Dropout) and "lora_dropout" in n]
+    assert modules and not any(m.training for m in modules)
+    seen = []
+    hook = modules[0].register_forward_hook(lambda module, *_: seen.append(module.training))
+    metrics = trainer.step()
+    hook.remove()
+    # off while sampling and scoring, on in the update's forward passes, off again after
+    assert False in seen and True in seen and not any(m.training for m in modules)
+    assert torch.isfinite(torch.tensor(metrics["train/loss"]))
