@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from dmtune import __version__
 from dmtune.config import objective_name_and_params
 from dmtune.constraints import build_feature
+from dmtune.distributed import World
 from dmtune.lm import LM
 from dmtune.loggers import (
     WANDB_GROUP_MAX,
@@ -36,8 +37,9 @@ from dmtune.target import Target
 from dmtune.trainer import Trainer, TrainerConfig
 
 
-def resolve_device(cfg: DictConfig) -> torch.device:
-    """``auto`` is the first GPU when there is one; ``cuda`` without one is a clear error."""
+def resolve_device(cfg: DictConfig, world: World | None = None) -> torch.device:
+    """``auto`` is the first GPU when there is one; ``cuda`` without one is a clear error; a
+    rank of a data-parallel run takes the device its launcher gave it."""
     name = cfg.device.name
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
@@ -48,6 +50,8 @@ def resolve_device(cfg: DictConfig) -> torch.device:
         )
     if cfg.device.threads > 0:
         torch.set_num_threads(cfg.device.threads)
+    if world is not None and world.device is not None:
+        name = str(world.device)
     if name.startswith("cuda"):
         torch.backends.cuda.matmul.allow_tf32 = cfg.device.tf32
         torch.backends.cudnn.allow_tf32 = cfg.device.tf32
@@ -59,11 +63,11 @@ def is_exact(cfg: DictConfig) -> bool:
     return cfg.model.name_or_path == TOY
 
 
-def build_lm(cfg: DictConfig, evaluation: bool = False) -> LM:
+def build_lm(cfg: DictConfig, evaluation: bool = False, world: World | None = None) -> LM:
     """The prior ``a`` on the configured device, with its tokenizer and the run's prompt or
     prompts (with ``evaluation``, the held-out prompts when the config names some)."""
     toy = OmegaConf.to_container(cfg.model.toy, resolve=True)
-    device = resolve_device(cfg)
+    device = resolve_device(cfg, world)
     prior, tokenizer = load_prior(
         cfg.model.name_or_path, dtype=cfg.device.dtype, device=device, toy=toy
     )
@@ -109,10 +113,11 @@ def trainer_config(cfg: DictConfig) -> TrainerConfig:
     )
 
 
-def build_trainer(cfg: DictConfig) -> Trainer:
-    """Prior, target and trainer from a composed config."""
-    lm = build_lm(cfg)
-    return Trainer(lm.model, lm.tokenizer, build_target(cfg, lm.tokenizer), trainer_config(cfg))
+def build_trainer(cfg: DictConfig, world: World | None = None) -> Trainer:
+    """Prior, target and trainer from a composed config (one rank's, with a ``world``)."""
+    lm = build_lm(cfg, world=world)
+    target = build_target(cfg, lm.tokenizer)
+    return Trainer(lm.model, lm.tokenizer, target, trainer_config(cfg), world)
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ import typer
 from omegaconf import DictConfig, OmegaConf
 from transformers.utils import logging as hf_logging
 
+from dmtune import distributed
 from dmtune import metrics as m
 from dmtune.loggers import WHERE_OFFLINE, WHERE_ONLINE
 from dmtune.overrides import (
@@ -43,6 +44,7 @@ hf_logging.disable_progress_bar()
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 EXIT_DIVERGED = 3
+EXIT_RANK_FAILED = 4  # a process of a data-parallel run died
 SWEEP_JOBS_ENV = "DMTUNE_SWEEP_JOBS"  # a sweep's job count, for "job k/n" in each job
 
 app = typer.Typer(
@@ -97,6 +99,7 @@ def _train_task(cfg: DictConfig) -> dict[str, float | None]:
     hydra/sweeper=optuna optimises."""
     from hydra.core.hydra_config import HydraConfig
 
+    from dmtune import distributed
     from dmtune.priors import PriorUnavailableError
     from dmtune.run import DivergenceError
     from dmtune.run import train as train_run
@@ -107,18 +110,29 @@ def _train_task(cfg: DictConfig) -> dict[str, float | None]:
         hidden = ("logger.sweep=", "device.threads=")
         shown = [o for o in hydra_cfg.overrides.task if not o.startswith(hidden)]
         typer.echo(f"job {hydra_cfg.job.num + 1}/{total}: {' '.join(shown)}", err=True)
+    # under torchrun / accelerate launch every rank runs this; rank 0 speaks for them
+    quiet = distributed.launched() and int(os.environ.get("RANK", "0")) > 0
     try:
-        summary = train_run(cfg, run_dir)
+        if cfg.device.num_processes > 1 and not distributed.launched():
+            summary = distributed.launch(run_dir, cfg)  # the workers train; rank 0 reports
+        else:
+            summary = train_run(cfg, run_dir)
     except DivergenceError as error:
         typer.echo(f"error: {error}", err=True)
         sys.exit(EXIT_DIVERGED)
+    except distributed.RankFailedError as error:  # a worker died; the others were stopped
+        typer.echo(f"error: {error}", err=True)
+        sys.exit(EXIT_RANK_FAILED)
     except (ValueError, OSError, PriorUnavailableError) as error:  # CheckpointError: a ValueError
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
-        typer.echo(f"error: {_first_line(error)}", err=True)
+        if not quiet:
+            typer.echo(f"error: {_first_line(error)}", err=True)
         if not cfg.resume:
             _remove_if_unstarted(run_dir)
         sys.exit(EXIT_USAGE)
+    if quiet:
+        return summary["final"]
     print_summary(summary)
     if summary["stopped_by_signal"] is not None:
         typer.echo(
@@ -168,6 +182,7 @@ def train(overrides: Optional[List[str]] = OVERRIDES) -> None:
       dmtune train objective=kl_dpg constraint=sentiment
       dmtune train objective=reinforce train.steps=50 logger=none
       dmtune train experiment=toy           # exact KL(p‖π) in metrics.jsonl
+      dmtune train device=ddp device.num_processes=4   # data parallel, 4 processes
       dmtune train 'constraint=[sentiment,word]'   # quoted: [] is a shell glob
       dmtune train resume=outputs/2026-11-22/10-00-00_default_dpg_baseline
     """
@@ -175,9 +190,12 @@ def train(overrides: Optional[List[str]] = OVERRIDES) -> None:
         overrides = resume_overrides(list(overrides or []))
     except ConfigError as error:
         fail(str(error))
-    compose_config(task_overrides(overrides))
+    cfg = compose_config(task_overrides(overrides))
     try:
-        overrides = claim_run_dir(overrides)
+        if distributed.launched():  # torchrun / accelerate launch: rank 0 names the run dir
+            overrides = distributed.init(cfg).first(lambda: claim_run_dir(overrides))
+        else:
+            overrides = claim_run_dir(overrides)
     except ConfigError as error:
         fail(str(error))
     run_hydra_main(_train_task, overrides)

@@ -102,6 +102,11 @@ class DeviceConfig:
     dtype: str = "float32"  # float32, bfloat16, float16 (or float64) weights
     tf32: bool = True  # allow TF32 matmuls on Ampere+ GPUs
     threads: int = 0  # CPU threads for torch; 0 keeps torch's default
+    # data parallel (accelerate): processes of one run, each sampling batch_size / N; 1: none.
+    # dmtune starts them itself (torch's elastic launcher), or joins torchrun / accelerate launch
+    num_processes: int = 1
+    strategy: str = "ddp"  # ddp: each rank holds the weights (sharded FSDP is not there yet)
+    timeout_s: float = 600.0  # a collective waiting this long for a silent rank fails the run
 
 
 @dataclass
@@ -281,6 +286,7 @@ def _check_device_and_logger(cfg: DictConfig) -> None:
         raise ValueError(
             f"device.threads={cfg.device.threads} must be at least 0 (0: torch's default)"
         )
+    _check_processes(cfg)
     if not cfg.logger.timeout_s > 0:
         raise ValueError(f"logger.timeout_s={cfg.logger.timeout_s} must be > 0 (seconds)")
     if cfg.logger.mode not in WANDB_MODES:
@@ -288,3 +294,35 @@ def _check_device_and_logger(cfg: DictConfig) -> None:
     for sink in cfg.logger.sinks:
         if sink not in SINKS:
             raise ValueError(f"logger.sinks: {sink!r} is not a sink; valid: {', '.join(SINKS)}")
+
+
+def _check_processes(cfg: DictConfig) -> None:
+    from dmtune.distributed import STRATEGIES
+
+    device, train = cfg.device, cfg.train
+    n = device.num_processes
+    if n < 1:
+        raise ValueError(f"device.num_processes={n} must be at least 1")
+    if device.strategy not in STRATEGIES:
+        raise ValueError(
+            f"device.strategy={device.strategy!r}; valid: {', '.join(STRATEGIES)} (for a model "
+            "too large for one GPU's training state, use model.lora: its optimizer state is small)"
+        )
+    if not device.timeout_s > 0:
+        raise ValueError(f"device.timeout_s={device.timeout_s} must be > 0 (seconds)")
+    if n > 1 and device.name.startswith("cuda:"):
+        raise ValueError(
+            f"device.name={device.name} with device.num_processes={n}: each rank takes its own "
+            "GPU; use device.name=cuda (or auto)"
+        )
+    if train.batch_size % n:
+        raise ValueError(
+            f"train.batch_size={train.batch_size} is not a multiple of device.num_processes={n} "
+            "(each rank samples an equal share)"
+        )
+    if n > 1 and train.prompts and (train.batch_size // n) % train.samples_per_prompt:
+        raise ValueError(
+            f"train.batch_size={train.batch_size} / device.num_processes={n} = "
+            f"{train.batch_size // n} per rank is not a multiple of "
+            f"train.samples_per_prompt={train.samples_per_prompt} (each rank draws whole prompts)"
+        )

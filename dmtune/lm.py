@@ -271,8 +271,12 @@ class LM:
 
         A loss that depends on the parameters only through the sequence log-probs has the
         gradient ``Σ_i (∂loss/∂log π_i) ∇ log π_i``: with those partials as ``weights`` this is
-        the whole batch's gradient, while memory holds one micro-batch's activations.
+        the whole batch's gradient, while memory holds one micro-batch's activations. A DDP
+        ``model`` syncs gradients over ranks once, in the last micro-batch's backward.
         """
-        for rows in micro_batches(samples, micro_batch_size):
-            part = self.log_probs(samples.select(rows), model=model)
-            (weights[rows].to(part.dtype) * part).sum().backward()
+        batches = micro_batches(samples, micro_batch_size)
+        for i, rows in enumerate(batches):
+            last = i == len(batches) - 1
+            with nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync():
+                part = self.log_probs(samples.select(rows), model=model)
+                (weights[rows].to(part.dtype) * part).sum().backward()

@@ -45,6 +45,8 @@ SCORE_S = "perf/score_s"
 UPDATE_S = "perf/update_s"
 SAMPLES_PER_S = "perf/samples_per_s"
 TOKENS_PER_S = "perf/tokens_per_s"
+GPU_PEAK_GIB = "perf/gpu_peak_gib"
+GPU_ONLY = (GPU_PEAK_GIB,)  # logged on a GPU only
 EXACT_LOG_Z = "exact/log_z"
 EXACT_KL_TARGET_POLICY = "exact/kl_target_policy"
 EXACT_KL_TARGET_PROPOSAL = "exact/kl_target_proposal"
@@ -140,7 +142,8 @@ GLOSSARY: tuple[tuple[tuple[str, ...], str], ...] = (
     ((SELF_BLEU,), "mean BLEU of each sample against the others (eval steps; high = repetitive)"),
     ((ENTROPY,), "sequence entropy `H(π) ≈ mean_q[ρ (−log π)]` in nats"),
     ((STEP_S, SAMPLE_S, SCORE_S, UPDATE_S), "wall time of the step and its parts"),
-    ((SAMPLES_PER_S, TOKENS_PER_S), "throughput"),
+    ((SAMPLES_PER_S, TOKENS_PER_S), "throughput (the whole batch's, over every process)"),
+    ((GPU_PEAK_GIB,), "peak GPU memory of rank 0 so far (`torch.cuda.max_memory_allocated`; GPUs)"),
     (
         (
             EXACT_LOG_Z,

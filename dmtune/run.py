@@ -18,11 +18,12 @@ from typing import Any, Iterator
 from omegaconf import DictConfig
 from tqdm import tqdm
 
+from dmtune import distributed
 from dmtune import estimators as est
 from dmtune import metrics as m
 from dmtune.build import LogIdentity, build_logger, build_trainer
 from dmtune.checkpoint import load_checkpoint, save_checkpoint
-from dmtune.loggers import merge_summary
+from dmtune.loggers import RunLogger, merge_summary
 from dmtune.rundir import RunDir, atomic_write_text
 from dmtune.trainer import Trainer
 
@@ -56,9 +57,14 @@ def _stop_on_signals() -> Iterator[StopRequested]:
 
 
 def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
-    """Run (or resume) training in ``run_dir``; returns the summary. Exit code 0 unless stopped."""
+    """Run (or resume) training in ``run_dir``; returns the summary. Exit code 0 unless stopped.
+
+    As one rank of a data-parallel run (:mod:`dmtune.distributed`), every rank runs this loop
+    in step; rank 0 alone writes the run dir, logs and checkpoints.
+    """
     run = RunDir(run_dir)
-    trainer = build_trainer(cfg)
+    world = distributed.init(cfg)
+    trainer = build_trainer(cfg, world)
     resume_step = None
     if cfg.resume and run.checkpoint.is_file():
         trainer.load_state_dict(load_checkpoint(run.checkpoint, map_location=trainer.device))
@@ -68,12 +74,16 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         if cfg.resume:  # stopped before its first checkpoint: start over, dropping what it logged
             resume_step = NOTHING_KEPT
         calibration = trainer.calibrate()
-        atomic_write_text(run.calibration, json.dumps(calibration, indent=1))
+        if world.is_main:
+            atomic_write_text(run.calibration, json.dumps(calibration, indent=1))
 
     train_cfg = cfg.train
     started, started_at, history = time.perf_counter(), time.time(), []
     identity = LogIdentity(name=run.name, overrides=run.launch_overrides())
-    logger = build_logger(cfg, run_dir, identity, resume_step=resume_step)
+    if world.is_main:
+        logger = build_logger(cfg, run_dir, identity, resume_step=resume_step)
+    else:
+        logger = RunLogger([])
     _show(logger.new_notes())  # where the W&B run is (or why there is none)
     with logger, _stop_on_signals() as stop:
         if resume_step in (None, NOTHING_KEPT):
@@ -85,22 +95,26 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             desc="train",
             unit="step",
             dynamic_ncols=True,
-            disable=None,
+            disable=None if world.is_main else True,
         )
-        diverged = False
-        while trainer.step_count < train_cfg.steps and stop.signal is None and not diverged:
+        diverged, stopped_by = False, None
+        while trainer.step_count < train_cfg.steps and not diverged:
+            # a signal to any rank stops them all after the same step
+            stopped_by = next((s for s in world.gather(stop.signal) if s is not None), None)
+            if stopped_by is not None:
+                break
             metrics = trainer.step()
             diverged = trainer.bad_steps >= train_cfg.max_bad_steps
             step = trainer.step_count
             history.append(metrics)
-            if step % train_cfg.eval_every == 0 or step == train_cfg.steps:
+            if (step % train_cfg.eval_every == 0 or step == train_cfg.steps) and world.is_main:
                 metrics.update(_exact(trainer))
                 metrics[m.SELF_BLEU] = est.self_bleu(trainer.last_samples.texts)
                 logger.log_samples(_sample_rows(trainer, train_cfg.logged_samples), step=step)
             if step % train_cfg.log_every == 0 or step == train_cfg.steps or diverged:
                 logger.log(metrics, step=step)
             if step % train_cfg.checkpoint_every == 0 and not diverged:
-                save_checkpoint(trainer.state_dict(), run.checkpoint)
+                _save(trainer, run.checkpoint)
             bar.update(1)
             bar.set_postfix(_progress(metrics), refresh=False)
         bar.close()
@@ -108,13 +122,14 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         # checkpoint then, so that what is saved is always a finite policy
         kept = trainer.weights_are_finite()
         if kept:
-            save_checkpoint(trainer.state_dict(), run.checkpoint)
+            _save(trainer, run.checkpoint)
         summary = _summary(
-            trainer, calibration, history, time.perf_counter() - started, run_dir, stop.signal
+            trainer, calibration, history, time.perf_counter() - started, run_dir, stopped_by
         )
         summary.update(started_at=started_at, finished_at=time.time(), diverged=diverged)
         logger.summary(summary)
-        if not diverged and kept and stop.signal is None:  # finished: the policy, for transformers
+        finished = not diverged and kept and stopped_by is None
+        if finished and world.is_main:  # the policy, for transformers
             trainer.save_policy(run.policy)
             if cfg.logger.log_model:  # what `dmtune eval` of this checkpoint declares as input
                 metadata = {k: summary[k] for k in ("objective", "steps", "samples_seen")}
@@ -124,7 +139,9 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     # closed: a W&B server that did not answer in logger.timeout_s is one line, not a hang
     summary["logging"] = logger.notes()  # where the W&B run is, its model, any W&B failure
     summary["logging_unshown"] = logger.new_notes()  # the failures at the end
-    merge_summary(run, {k: summary[k] for k in ("logging", "model_artifact") if k in summary})
+    if world.is_main:
+        kept_keys = ("logging", "model_artifact")
+        merge_summary(run, {k: summary[k] for k in kept_keys if k in summary})
 
     if diverged or not kept:
         saved = f"step {trainer.step_count}'s" if kept else "the previous checkpoint's"
@@ -135,6 +152,13 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             f"device.dtype=float32 (now {cfg.device.dtype})"
         )
     return summary
+
+
+def _save(trainer: Trainer, path: Path) -> None:
+    """A checkpoint: every rank's state is gathered (a collective), rank 0 writes it."""
+    state = trainer.state_dict()
+    if trainer.world.is_main:
+        save_checkpoint(state, path)
 
 
 def _show(lines: list[str]) -> None:

@@ -43,6 +43,18 @@ class Scores:
     by_name: dict[str, torch.Tensor]
 
 
+def join_scores(parts: list[Scores]) -> Scores:
+    """The scores of several batches as one, in order."""
+    if len(parts) == 1:
+        return parts[0]
+    return Scores(
+        features=torch.cat([s.features for s in parts]),
+        log_b=torch.cat([s.log_b for s in parts]),
+        reward=torch.cat([s.reward for s in parts]),
+        by_name={name: torch.cat([s.by_name[name] for s in parts]) for name in parts[0].by_name},
+    )
+
+
 @dataclass
 class Target:
     """An EBM over sequences built from the prior and a constraint set.

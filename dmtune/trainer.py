@@ -23,12 +23,13 @@ from dmtune import estimators as est
 from dmtune import lora
 from dmtune import metrics as m
 from dmtune.config import TrainConfig
+from dmtune.distributed import World, check_world_size, moved, rank_seed
 from dmtune.exact import ExactOracle, exact_spaces
 from dmtune.lm import LM, frozen_copy
 from dmtune.objectives import Batch, get_objective, names_of, split_objective_params
 from dmtune.prompts import join_contexts, prompt_set
-from dmtune.sampling import Decoding, Samples, check_ancestral
-from dmtune.target import RunningLogZ, Scores, Target, context_log_z
+from dmtune.sampling import Decoding, Samples, check_ancestral, join_samples
+from dmtune.target import RunningLogZ, Scores, Target, context_log_z, join_scores
 
 
 @dataclass
@@ -47,7 +48,12 @@ class TrainerConfig(TrainConfig):
 
 
 class Trainer:
-    """Fine-tunes a copy of ``prior`` toward ``target`` with the configured objective."""
+    """Fine-tunes a copy of ``prior`` toward ``target`` with the configured objective.
+
+    With a ``world`` of several ranks (:mod:`dmtune.distributed`), each rank samples
+    ``batch_size / world.size`` and the step is the whole batch's: ranks gather each other's
+    per-sample numbers and compute the same loss and metrics; gradients are summed by DDP.
+    """
 
     def __init__(
         self,
@@ -55,8 +61,16 @@ class Trainer:
         tokenizer: PreTrainedTokenizerBase,
         target: Target,
         config: TrainerConfig,
+        world: World | None = None,
     ) -> None:
         self.config = config
+        self.world = world or World()
+        if config.batch_size % self.world.size:
+            raise ValueError(
+                f"train.batch_size={config.batch_size} is not a multiple of "
+                f"device.num_processes={self.world.size} (each rank samples an equal share)"
+            )
+        self.local_batch_size = config.batch_size // self.world.size
         self.spec = get_objective(config.objective)
         self.loss_kwargs, self.swap_every = split_objective_params(
             config.objective, config.objective_params
@@ -98,6 +112,7 @@ class Trainer:
                 lora.AdapterView(self.policy, lora.PROPOSAL) if frozen_proposal else None
             )
         self.lm = LM(self.prior, tokenizer, config.prompt, prompt_set(config))
+        self._trained: torch.nn.Module | None = None  # see trained
         self.optimizer = torch.optim.AdamW(
             [p for p in self.policy.parameters() if p.requires_grad],
             lr=config.lr,
@@ -109,9 +124,11 @@ class Trainer:
             self.optimizer, lambda s: min(1.0, (s + 1) / warmup)
         )
         self.log_z = RunningLogZ()
-        self.generator = torch.Generator(self.device).manual_seed(config.seed)
+        seed = rank_seed(config.seed, self.world.rank)  # each rank draws its own samples
+        self.generator = torch.Generator(self.device).manual_seed(seed)
         # which prompts each step draws (on the CPU: it only picks indices)
-        self.prompt_generator = torch.Generator().manual_seed(config.seed)
+        self.prompt_generator = torch.Generator().manual_seed(seed)
+        self.world_offset = 0  # where this rank's samples start in the gathered batch
         self.step_count = 0
         self.samples_seen = 0
         self.skipped_steps = 0  # steps whose loss or gradient was not finite (no update)
@@ -134,6 +151,14 @@ class Trainer:
     def tokenizer(self) -> PreTrainedTokenizerBase:
         return self.lm.tokenizer
 
+    @property
+    def trained(self) -> torch.nn.Module:
+        """What the update's forward/backward runs: the policy, or DDP around it (wrapped at the
+        first update, so that the policy can still be moved or cast before)."""
+        if self._trained is None:
+            self._trained = self.world.prepare(self.policy)
+        return self._trained
+
     # --- setup -----------------------------------------------------------------------------
 
     @torch.no_grad()
@@ -147,10 +172,11 @@ class Trainer:
             self.lm,
             self.target,
             self.config.fit_samples,
-            self.config.batch_size,
+            self.local_batch_size,
             self.config.max_new_tokens,
             self.generator,
             self.prompt_generator,
+            self.world,
         )
         self.log_z.update(log_w)
         return calibration
@@ -169,9 +195,9 @@ class Trainer:
     def sample(self) -> Samples:
         """A batch ``x ~ q`` (the policy, or the frozen proposal of KL-adaptive DPG)."""
         sampler = self.proposal if self.proposal is not None else self.policy
-        contexts = self.lm.draw_contexts(self.config.batch_size, self.prompt_generator)
+        contexts = self.lm.draw_contexts(self.local_batch_size, self.prompt_generator)
         return self.lm.sample(
-            self.config.batch_size,
+            self.local_batch_size,
             self.decoding,
             self.generator,
             model=sampler,
@@ -180,27 +206,29 @@ class Trainer:
         )
 
     def update(self, samples: Samples, started: float | None = None) -> dict[str, float]:
-        """Score ``samples``, take one optimizer step on them, and return the step's metrics."""
+        """Score ``samples`` (this rank's), take one optimizer step on the whole batch's, and
+        return the step's metrics."""
         started = time.perf_counter() if started is None else started
         sampled = time.perf_counter()
         micro = self.config.micro_batch_size
-        contexts = samples.contexts
+        own = samples
 
         # --- score: features, prior, target, running log Ẑ ---
         scores = self.target.score(samples)
         with torch.no_grad():
-            log_prior = self.lm.log_probs(samples, micro_batch_size=micro or len(samples))
+            log_prior = self.lm.log_probs(samples, micro_batch_size=micro)
+            log_pi = None  # on-policy: the sampler already computed log π(x)
+            if self.proposal is not None:
+                log_pi = self.lm.log_probs(samples, model=self.policy, micro_batch_size=micro)
+        if self.world.size > 1:  # every rank's samples: the step below is the whole batch's
+            samples, scores, log_prior, log_pi = self._gather(samples, scores, log_prior, log_pi)
+        contexts = samples.contexts
         log_target = self.target.log_prob(log_prior, scores)  # (batch,), −inf where b(x) = 0
         scored = time.perf_counter()
 
         # --- loss: of log π as a leaf; its gradient then flows into π micro-batch by micro-batch
-        if self.proposal is None:  # on-policy: the sampler already computed log π(x)
+        if log_pi is None:
             log_pi = samples.log_q.detach()
-        else:
-            with torch.no_grad():
-                log_pi = self.lm.log_probs(
-                    samples, model=self.policy, micro_batch_size=micro or len(samples)
-                )
         log_policy = log_pi.to(log_prior.dtype).requires_grad_(True)
         log_proposal = samples.log_q if self.proposal is not None else log_policy.detach()
         if contexts is None:  # log Ẑ with this batch: committed below only if the step is finite
@@ -219,7 +247,10 @@ class Trainer:
         dropout = self.lora is not None and self.lora.dropout > 0
         if dropout:
             lora.set_dropout(self.policy, True)
-        self.lm.backward(samples, weights, model=self.policy, micro_batch_size=micro)
+        # this rank's samples; DDP averages the ranks' gradients, so each weighs world.size ×
+        rows = slice(self.world_offset, self.world_offset + len(own))
+        own_weights = weights[rows] * self.world.size
+        self.lm.backward(own, own_weights, model=self.trained, micro_batch_size=micro)
         if dropout:
             lora.set_dropout(self.policy, False)
         clip = self.config.grad_clip if self.config.grad_clip > 0 else float("inf")
@@ -252,7 +283,7 @@ class Trainer:
         if contexts is not None:
             metrics.update(m.context_estimates(log_z_per_context))
         if self.proposal is not None and self.step_count % self.swap_every == 0:
-            metrics[m.PROPOSAL_UPDATED] = self._maybe_swap_proposal(samples, batch)
+            metrics[m.PROPOSAL_UPDATED] = self._maybe_swap_proposal(own, batch)
         self.last_samples, self.last_scores = samples, scores
 
         # one host transfer for every tensor metric (a sync point on a GPU)
@@ -277,14 +308,42 @@ class Trainer:
                 m.TOKENS_PER_S: n_tokens / (finished - started),
             }
         )
+        if self.device.type == "cuda":
+            values[m.GPU_PEAK_GIB] = torch.cuda.max_memory_allocated(self.device) / 2**30
         return values
+
+    def _gather(
+        self,
+        samples: Samples,
+        scores: Scores,
+        log_prior: torch.Tensor,
+        log_pi: torch.Tensor | None,
+    ) -> tuple[Samples, Scores, torch.Tensor, torch.Tensor | None]:
+        """Every rank's samples, scores and log-probs, in rank order, on this device; sets
+        :attr:`world_offset`, where this rank's rows start."""
+        parts = self.world.gather((samples, scores, log_prior, log_pi))
+        ranks_before = parts[: self.world.rank]
+        self.world_offset = sum(len(part[0]) for part in ranks_before)
+        joined = join_samples([part[0] for part in parts], self.lm.filler_id)
+        if samples.contexts is not None:  # each rank drew its own prompt groups
+            joined.contexts = join_contexts([part[0].contexts for part in parts])
+        values = (
+            joined,
+            join_scores([part[1] for part in parts]),
+            torch.cat([part[2] for part in parts]),
+            None if log_pi is None else torch.cat([part[3] for part in parts]),
+        )
+        return moved(values, self.device)
 
     @torch.no_grad()
     def _maybe_swap_proposal(self, samples: Samples, batch: Batch) -> torch.Tensor:
-        """KL-adaptive DPG: copy π into q when ``KL(p‖π) < KL(p‖q)`` on the same q-samples."""
-        micro = self.config.micro_batch_size or len(samples)
+        """KL-adaptive DPG: copy π into q when ``KL(p‖π) < KL(p‖q)`` on the same q-samples
+        (``samples``: this rank's; the decision is the whole batch's, the same on every rank)."""
+        micro = self.config.micro_batch_size
         # π after this step's update
         log_pi_now = self.lm.log_probs(samples, model=self.policy, micro_batch_size=micro)
+        if self.world.size > 1:
+            log_pi_now = torch.cat(self.world.gather(log_pi_now)).to(self.device)
         args = (batch.log_target, batch.log_proposal)
         kl_policy = est.kl_target_model(*args, log_pi_now, batch.log_z)
         kl_proposal = est.kl_target_model(*args, batch.log_proposal, batch.log_z)
@@ -309,6 +368,9 @@ class Trainer:
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to resume exactly: weights, optimizer, log Ẑ, λ, RNG states,
         counters."""
+        # every rank's RNG states (a collective: call it on every rank); rank 0's are the
+        # top-level ones, as a single process's
+        rank_rngs = self.world.gather(self._rng_states())
         return {
             "policy": self._weights(self.policy),
             "proposal": self._weights(self.proposal) if self.proposal is not None else None,
@@ -321,10 +383,19 @@ class Trainer:
             "prompt_generator": self.prompt_generator.get_state(),
             "torch_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "world_size": self.world.size,
+            "rank_rngs": rank_rngs if self.world.size > 1 else [],
             "step": self.step_count,
             "samples_seen": self.samples_seen,
             "skipped_steps": self.skipped_steps,
             "bad_steps": self.bad_steps,
+        }
+
+    def _rng_states(self) -> dict[str, Any]:
+        return {
+            "generator": self.generator.get_state(),
+            "prompt_generator": self.prompt_generator.get_state(),
+            "torch_rng": torch.get_rng_state(),
         }
 
     def _weights(self, model: Any) -> dict[str, torch.Tensor]:
@@ -352,6 +423,7 @@ class Trainer:
             self.tokenizer.save_pretrained(directory / "merged")
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        check_world_size(state.get("world_size", 1), self.world)
         self._load_weights(self.policy, state["policy"])
         if self.proposal is not None:
             self._load_weights(self.proposal, state["proposal"])
@@ -365,6 +437,11 @@ class Trainer:
         torch.set_rng_state(state["torch_rng"])
         if state["cuda_rng"]:
             torch.cuda.set_rng_state_all(state["cuda_rng"])
+        if self.world.size > 1:  # this rank's own streams
+            own = state["rank_rngs"][self.world.rank]
+            self.generator.set_state(own["generator"])
+            self.prompt_generator.set_state(own["prompt_generator"])
+            torch.set_rng_state(own["torch_rng"])
         self.step_count, self.samples_seen = state["step"], state["samples_seen"]
         # checkpoints of dmtune 0.1.0 predate skipped steps
         self.skipped_steps, self.bad_steps = (
@@ -387,30 +464,34 @@ def calibrate(
     max_new_tokens: int,
     generator: torch.Generator,
     prompt_generator: torch.Generator | None = None,
+    world: World | None = None,
 ) -> tuple[dict[str, Any], torch.Tensor]:
     """Sample the prior ``fit_samples`` times: base rates, λ fitting, and KL(p‖a).
 
     Returns the calibration record ({"metrics": step-0 metrics of π = a, "lambdas", ...}) and
     the samples' ``log P − log a`` (n,). A pointwise constraint that no prior sample meets is
     an error: every importance weight would be 0. With prompts, each batch draws its contexts
-    as training does, and λ is fitted to the mean over contexts of their moments.
+    as training does, and λ is fitted to the mean over contexts of their moments. With a
+    ``world`` of several ranks, each draws its share (``batch_size`` is a rank's) and the fit
+    is on every rank's samples, the same on each.
     """
+    world = world or World()
     decoding = Decoding(max_new_tokens=max_new_tokens)
     batches = []
-    for _ in range(-(-fit_samples // batch_size)):
+    for _ in range(-(-fit_samples // (batch_size * world.size))):
         contexts = None
         if lm.prompts is not None:
             contexts = lm.draw_contexts(batch_size, prompt_generator or torch.Generator())
         batches.append(lm.sample(batch_size, decoding, generator, contexts=contexts))
     contexts = join_contexts([s.contexts for s in batches]) if lm.prompts is not None else None
-    scores = [target.score(s) for s in batches]
-    by_name = {name: torch.cat([s.by_name[name] for s in scores]) for name in scores[0].by_name}
-    joined = Scores(
-        features=torch.cat([s.features for s in scores]),
-        log_b=torch.cat([s.log_b for s in scores]),
-        reward=torch.cat([s.reward for s in scores]),
-        by_name=by_name,
-    )
+    joined = join_scores([target.score(s) for s in batches])
+    if world.size > 1:
+        parts = world.gather((joined, contexts))
+        device = joined.log_b.device
+        joined = moved(join_scores([part[0] for part in parts]), device)
+        if contexts is not None:
+            contexts = moved(join_contexts([part[1] for part in parts]), device)
+    by_name = joined.by_name
     n = joined.log_b.numel()
     for constraint in target.pointwise:
         if by_name[constraint.name].sum() == 0:
