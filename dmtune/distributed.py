@@ -22,6 +22,7 @@ import logging
 import os
 import signal
 import sys
+import time
 import traceback
 import uuid
 from collections.abc import Callable
@@ -166,6 +167,7 @@ def launch(run_dir: Path, cfg: Any) -> dict[str, Any]:
     raises :class:`RankFailedError` (or exits with the failed rank's own code for the errors
     a worker already reported: bad input, divergence, a stop).
     """
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
@@ -181,23 +183,47 @@ def launch(run_dir: Path, cfg: Any) -> dict[str, Any]:
         max_restarts=0,
         monitor_interval=0.5,
     )
-    env_threads = "OMP_NUM_THREADS" not in os.environ and cfg.device.threads <= 0
-    if env_threads:  # torchrun's rule: the cores shared between the workers
-        os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // n))
-    quiet = logging.getLogger("torch.distributed.elastic")
-    level = quiet.level
-    quiet.setLevel(logging.CRITICAL)  # its own failure report is a page; ours is one line
+    env_threads = "OMP_NUM_THREADS" not in os.environ
+    if env_threads:  # device.threads, or torchrun's rule: the cores shared between the workers
+        threads = cfg.device.threads or max(1, (os.cpu_count() or 1) // n)
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+    # the agent's own reports (a page on failure, a line per signal); ours is one line
+    quiet = [
+        logging.getLogger(name)
+        for name in list(logging.root.manager.loggerDict)
+        if name.startswith("torch.distributed")
+    ]
+    levels = [logger.level for logger in quiet]
+    for logger in quiet:
+        logger.setLevel(logging.CRITICAL)
+    started = time.time()
     try:
         elastic_launch(config, sys.executable)("-m", "dmtune.distributed", str(run_dir))
     except ChildFailedError as error:
         codes = {failure.exitcode for failure in error.failures.values()}
         if codes != {EXIT_STOPPED}:  # stopped by a signal: checkpointed, the summary says so
             raise _failure(error, run_dir) from None
+    except SignalException as error:
+        # Ctrl-C or SLURM's SIGTERM reached the launcher; the agent passed it to the workers,
+        # which stopped after the same step and checkpointed (their summary says so)
+        summary = _summary(run_dir)
+        if summary is None or summary.get("finished_at", 0) < started:
+            raise RankFailedError(
+                f"stopped by {signal.Signals(error.sigval).name} before the workers saved "
+                "anything; the last checkpoint is kept"
+            ) from None
+        return summary
     finally:
-        quiet.setLevel(level)
+        for logger, level in zip(quiet, levels):
+            logger.setLevel(level)
         if env_threads:
             del os.environ["OMP_NUM_THREADS"]
-    return json.loads((Path(run_dir) / "summary.json").read_text(encoding="utf-8"))
+    return _summary(run_dir)
+
+
+def _summary(run_dir: Path) -> dict[str, Any] | None:
+    path = Path(run_dir) / "summary.json"
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
 
 
 # exit codes a worker uses for what it has already reported in one line (dmtune.cli's)

@@ -152,3 +152,45 @@ def _descendants(pid: int) -> list[int]:
         text = (task / "children").read_text().split()
         children += [int(c) for c in text]
     return children + [d for c in children for d in _descendants(c)]
+
+
+def test_sigterm_to_the_launcher_stops_every_rank_after_the_same_step_with_a_checkpoint(tmp_path):
+    """What SLURM sends at a time limit: the agent passes it on, the ranks agree on a last step,
+    rank 0 checkpoints it, and the run says how to resume (exit 130)."""
+    run_dir = tmp_path / "run"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "dmtune", "train", *TOY_DDP, "train.steps=100000",
+         f"hydra.run.dir={run_dir}"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(),
+    )
+    try:
+        deadline = time.monotonic() + TIMEOUT_S
+        while not _steps_logged(run_dir, 4):
+            assert process.poll() is None and time.monotonic() < deadline, process.stderr.read()
+            time.sleep(0.2)
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=KILL_WITHIN_S)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 130, stderr[-3000:]
+    import torch
+
+    last = read_jsonl(run_dir / "metrics.jsonl")[-1]["step"]
+    assert torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)["step"] == last
+    assert stderr.strip().splitlines() == [
+        f"stopped at step {last}; checkpoint saved; resume with: dmtune train resume={run_dir}"
+    ]
+
+
+def test_a_run_under_torchrun_joins_its_group_and_writes_one_run_dir(tmp_path):
+    launched = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         "-m", "dmtune", "train", *TOY_DDP, "train.steps=2"],
+        capture_output=True, text=True, timeout=TIMEOUT_S, env=_env(), cwd=tmp_path,
+    )
+    assert launched.returncode == 0, launched.stderr[-3000:]
+    (run_dir,) = (tmp_path / "outputs").glob("*/*")  # rank 0 named it; rank 1 used it
+    assert launched.stdout.count("run dir:") == 1  # rank 0 speaks for both
+    rows = read_jsonl(run_dir / "metrics.jsonl")
+    assert [row["samples_seen"] for row in rows] == [0, 16, 32]
