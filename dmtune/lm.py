@@ -17,12 +17,14 @@ from __future__ import annotations
 import copy
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
+from dmtune import lora
 from dmtune.lora import using
 from dmtune.prompts import Contexts, PromptSet
 from dmtune.sampling import (
@@ -43,6 +45,61 @@ def frozen_copy(model: PreTrainedModel) -> PreTrainedModel:
     clone = copy.deepcopy(model).eval()
     clone.requires_grad_(False)
     return clone
+
+
+@dataclass
+class Networks:
+    """The prior ``a``, the policy ``π`` and (KL-adaptive DPG) the frozen proposal ``q`` of a run.
+
+    Without LoRA, three networks: frozen copies of the prior and the proposal, and a float32
+    policy that takes gradients. With LoRA (``model.lora.r > 0``), one: the prior's own network
+    with a policy adapter (and a proposal adapter), the prior being it with adapters off
+    (:mod:`dmtune.lora`). Checkpoints hold :meth:`state` of each, adapters only with LoRA.
+    """
+
+    prior: Any
+    policy: Any
+    proposal: Any | None
+    lora: bool
+
+    @classmethod
+    def build(cls, prior: PreTrainedModel, lora_options: Any, proposal: bool) -> Networks:
+        """From the prior (modified in place with LoRA); ``lora_options``: model.lora or None."""
+        if lora_options is None or lora_options.r <= 0:
+            # A half-precision prior (device.dtype=bfloat16/float16) runs under autocast, but
+            # the policy keeps float32 weights: AdamW steps of lr ~1e-5 are below bfloat16's
+            # resolution (2^-8 relative) and would round away in half-precision weights.
+            # eval mode: no dropout, so π is the same distribution we sample from and score
+            policy = frozen_copy(prior).float().requires_grad_(True)
+            copied = frozen_copy(policy) if proposal else None
+            return cls(frozen_copy(prior), policy, copied, lora=False)
+        # one network: ``prior`` gets adapters (in place); float32 adapters on its weights
+        policy = lora.wrap(prior, lora_options, proposal=proposal)
+        view = lora.AdapterView(policy, lora.PROPOSAL) if proposal else None
+        return cls(lora.AdapterView(policy, None), policy, view, lora=True)
+
+    def state(self, which: str) -> dict[str, torch.Tensor]:
+        """What a checkpoint holds of ``which`` ("policy" or "proposal")."""
+        if not self.lora:
+            return getattr(self, which).state_dict()
+        return lora.adapter_state(self.policy, self._adapter(which))
+
+    def load(self, which: str, state: dict[str, torch.Tensor]) -> None:
+        if not self.lora:
+            getattr(self, which).load_state_dict(state)
+        else:
+            lora.load_adapter_state(self.policy, state, self._adapter(which))
+
+    def copy_policy_to_proposal(self) -> None:
+        """KL-adaptive DPG's swap: q ← π."""
+        if self.lora:
+            lora.copy_adapter(self.policy, lora.POLICY, lora.PROPOSAL)
+        else:
+            self.proposal.load_state_dict(self.policy.state_dict())
+
+    @staticmethod
+    def _adapter(which: str) -> str:
+        return {"policy": lora.POLICY, "proposal": lora.PROPOSAL}[which]
 
 
 def filler_token_id(tokenizer: PreTrainedTokenizerBase, vocab_size: int) -> int:

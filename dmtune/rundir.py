@@ -204,10 +204,9 @@ def load_run(run_dir: str | Path, cfg: DictConfig | None = None) -> LoadedRun:
     """
     import torch
 
-    from dmtune import lora
     from dmtune.build import build_lm, build_target
     from dmtune.checkpoint import load_checkpoint
-    from dmtune.lm import frozen_copy
+    from dmtune.lm import Networks
     from dmtune.target import RunningLogZ
     from dmtune.trainer import calibrate
 
@@ -218,22 +217,11 @@ def load_run(run_dir: str | Path, cfg: DictConfig | None = None) -> LoadedRun:
     target = build_target(cfg, lm.tokenizer)
     state = load_checkpoint(run.checkpoint, map_location=lm.device)
     with_proposal = state.get("proposal") is not None
-    options = OmegaConf.select(cfg, "model.lora")
-    if options is not None and options.r > 0:  # one network: the prior is it with adapters off
-        policy = lora.wrap(lm.model, options, proposal=with_proposal)
-        lora.load_adapter_state(policy, state["policy"])
-        lm.model = lora.AdapterView(policy, None)
-        proposal = None
-        if with_proposal:
-            lora.load_adapter_state(policy, state["proposal"], lora.PROPOSAL)
-            proposal = lora.AdapterView(policy, lora.PROPOSAL)
-    else:
-        policy = frozen_copy(lm.model).float()
-        policy.load_state_dict(state["policy"])
-        proposal = None
-        if with_proposal:
-            proposal = frozen_copy(policy)
-            proposal.load_state_dict(state["proposal"])
+    networks = Networks.build(lm.model, OmegaConf.select(cfg, "model.lora"), with_proposal)
+    networks.load("policy", state["policy"])
+    if with_proposal:
+        networks.load("proposal", state["proposal"])
+    lm.model, policy, proposal = networks.prior, networks.policy, networks.proposal
     target.lambdas, target.fitted = state["lambdas"], state["target_fitted"]
     log_z = RunningLogZ()
     log_z.load_state_dict(state["log_z"])

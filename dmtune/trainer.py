@@ -25,7 +25,7 @@ from dmtune import metrics as m
 from dmtune.config import TrainConfig
 from dmtune.distributed import World, check_world_size, moved, rank_seed
 from dmtune.exact import ExactOracle, exact_spaces
-from dmtune.lm import LM, frozen_copy
+from dmtune.lm import LM, Networks
 from dmtune.objectives import Batch, get_objective, names_of, split_objective_params
 from dmtune.prompts import join_contexts, prompt_set
 from dmtune.sampling import Decoding, Samples, check_ancestral, join_samples
@@ -96,21 +96,10 @@ class Trainer:
         check_ancestral(self.decoding)
         self.lora = config.lora if config.lora is not None and config.lora.r > 0 else None
         frozen_proposal = self.spec.proposal == "frozen"
-        if self.lora is None:
-            self.prior = frozen_copy(prior)
-            # A half-precision prior (device.dtype=bfloat16/float16) runs under autocast, but the
-            # policy keeps float32 weights: AdamW steps of lr ~1e-5 are below bfloat16's
-            # resolution (2^-8 relative) and would round away in half-precision weights.
-            # eval mode: no dropout, so π is the same distribution we sample from and score
-            self.policy = frozen_copy(prior).float().requires_grad_(True)
-            self.proposal = frozen_copy(self.policy) if frozen_proposal else None
-        else:
-            # one network: ``prior`` gets adapters (in place); float32 adapters on its weights
-            self.policy = lora.wrap(prior, self.lora, proposal=frozen_proposal)
-            self.prior = lora.AdapterView(self.policy, None)
-            self.proposal = (
-                lora.AdapterView(self.policy, lora.PROPOSAL) if frozen_proposal else None
-            )
+        self.networks = Networks.build(prior, self.lora, proposal=frozen_proposal)
+        self.prior = self.networks.prior
+        self.policy = self.networks.policy
+        self.proposal = self.networks.proposal
         self.lm = LM(self.prior, tokenizer, config.prompt, prompt_set(config))
         self._trained: torch.nn.Module | None = None  # see trained
         self.optimizer = torch.optim.AdamW(
@@ -348,10 +337,8 @@ class Trainer:
         kl_policy = est.kl_target_model(*args, log_pi_now, batch.log_z)
         kl_proposal = est.kl_target_model(*args, batch.log_proposal, batch.log_z)
         swap = bool(kl_policy < kl_proposal)
-        if swap and self.lora is not None:
-            lora.copy_adapter(self.policy, lora.POLICY, lora.PROPOSAL)
-        elif swap:
-            self.proposal.load_state_dict(self.policy.state_dict())
+        if swap:
+            self.networks.copy_policy_to_proposal()
         return torch.tensor(float(swap))
 
     # --- exact mode --------------------------------------------------------------------------
@@ -372,8 +359,8 @@ class Trainer:
         # top-level ones, as a single process's
         rank_rngs = self.world.gather(self._rng_states())
         return {
-            "policy": self._weights(self.policy),
-            "proposal": self._weights(self.proposal) if self.proposal is not None else None,
+            "policy": self.networks.state("policy"),
+            "proposal": self.networks.state("proposal") if self.proposal is not None else None,
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "log_z": self.log_z.state_dict(),
@@ -398,20 +385,6 @@ class Trainer:
             "torch_rng": torch.get_rng_state(),
         }
 
-    def _weights(self, model: Any) -> dict[str, torch.Tensor]:
-        """What a checkpoint holds of a model: its state, or with LoRA its adapter's."""
-        if self.lora is None:
-            return model.state_dict()
-        adapter = lora.PROPOSAL if model is self.proposal else lora.POLICY
-        return lora.adapter_state(self.policy, adapter)
-
-    def _load_weights(self, model: Any, state: dict[str, torch.Tensor]) -> None:
-        if self.lora is None:
-            model.load_state_dict(state)
-        else:
-            adapter = lora.PROPOSAL if model is self.proposal else lora.POLICY
-            lora.load_adapter_state(self.policy, state, adapter)
-
     def save_policy(self, directory: Path) -> None:
         """The policy as a Hugging Face model dir (with LoRA: the adapter, and on request the
         merged model under ``merged/``), with the tokenizer."""
@@ -424,9 +397,9 @@ class Trainer:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         check_world_size(state.get("world_size", 1), self.world)
-        self._load_weights(self.policy, state["policy"])
+        self.networks.load("policy", state["policy"])
         if self.proposal is not None:
-            self._load_weights(self.proposal, state["proposal"])
+            self.networks.load("proposal", state["proposal"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.log_z.load_state_dict(state["log_z"])
