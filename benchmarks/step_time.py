@@ -6,9 +6,14 @@ several calls after warm-up of:
 - HF generate: ``model.generate(do_sample=True, top_k=0)`` with its KV cache, the batch at once;
 - naive fwd/bwd: one forward with the LM loss and one backward over generate's sequences;
 - naive floor: the two together (what any RL fine-tuning step costs at least);
-- dmtune sample: the trainer's sampler (``log q`` included);
+- dmtune sample: the trainer's sampler (``log q`` included); with ``--compile-sampler`` also
+  through its compiled decode step and static KV cache (``train.compile_sampler``; the first
+  call, which compiles, is reported apart);
 - dmtune step: a whole step of the default objective (GDC++) on the run's constraint, split into
   sample / score / update, at the configured ``train.micro_batch_size`` and in one pass (0);
+- TRL RLOO step (when ``trl`` is importable; it is not a dependency of dmtune): one optimizer step
+  of TRL's ``RLOOTrainer`` on the same prior, samples, tokens and micro-batches, its reward the
+  run's constraint, β = 0.05 (``trl_rloo.py``);
 
 and prints each as a ratio to generate and to the floor. ``--profile`` adds the top operators
 of one dmtune step; ``--memory`` measures the peak resident memory of a step at several micro-
@@ -23,6 +28,7 @@ batch sizes, each in its own process.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import platform
@@ -43,6 +49,14 @@ from dmtune.overrides import compose_config
 from dmtune.trainer import Trainer
 
 RESULTS = Path(__file__).parent / "results"
+
+
+def load_sibling(name: str) -> Any:
+    """A module of this folder (the script also runs loaded by path, as the tests do)."""
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).parent / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def median_time(fn: Callable[[], Any], warmup: int, repeats: int) -> float:
@@ -143,6 +157,16 @@ def time_rows(args: argparse.Namespace) -> dict[str, Any]:
     rows["naive fwd/bwd"] = median_time(forward_backward, args.warmup, args.repeats)
     rows["naive floor"] = rows["HF generate"] + rows["naive fwd/bwd"]
     rows["dmtune sample"] = median_time(trainer.sample, args.warmup, args.repeats)
+    compile_s = None
+    if args.compile_sampler:
+        trainer.config.compile_sampler = True
+        started = time.perf_counter()
+        trainer.sample()
+        compile_s = time.perf_counter() - started
+        rows["dmtune sample (compiled decode step)"] = median_time(
+            trainer.sample, args.warmup, args.repeats
+        )
+        trainer.config.compile_sampler = False
     splits = []
 
     def step() -> None:
@@ -155,6 +179,10 @@ def time_rows(args: argparse.Namespace) -> dict[str, Any]:
     trainer.config.micro_batch_size = 0
     rows["dmtune step (one pass)"] = median_time(step, args.warmup, args.repeats)
     trainer.config.micro_batch_size = micro
+    dmtune_step = rows[f"dmtune step (micro-batch {micro})"]
+    trl_settings = None
+    if importlib.util.find_spec("trl") is not None and not args.no_trl:
+        rows["TRL RLOO step"], trl_settings = load_sibling("trl_rloo").rloo_step_time(trainer, args)
     result = {
         "model": args.model,
         "batch_size": args.batch_size,
@@ -167,6 +195,11 @@ def time_rows(args: argparse.Namespace) -> dict[str, Any]:
         "vs_generate": {k: v / rows["HF generate"] for k, v in rows.items()},
         "vs_floor": {k: v / rows["naive floor"] for k, v in rows.items()},
     }
+    if compile_s is not None:
+        result["compiled_sampler_first_call_s"] = compile_s
+    if trl_settings is not None:
+        result["trl_rloo"] = trl_settings
+        result["dmtune_step_vs_trl_rloo"] = dmtune_step / rows["TRL RLOO step"]
     if args.profile:
         result["profile"] = profile_step(trainer)
     return result
@@ -186,6 +219,20 @@ def table(result: dict[str, Any]) -> str:
             f"| {name} | {seconds:.3f} | {result['vs_generate'][name]:.2f} "
             f"| {result['vs_floor'][name]:.2f} |"
         )
+    if "trl_rloo" in result:
+        trl = result["trl_rloo"]
+        lines += [
+            "",
+            f"dmtune step / TRL RLOO step: {result['dmtune_step_vs_trl_rloo']:.2f} "
+            f"(TRL {trl['trl']}: {trl['num_generations']} samples per step as one group, "
+            f"≤{trl['max_completion_length']} tokens (mean {trl['mean_new_tokens']:.1f}), "
+            "micro-batches of "
+            f"{trl['per_device_train_batch_size']} × {trl['gradient_accumulation_steps']} "
+            f"accumulated, β = {trl['beta']}, lr {trl['learning_rate']}, clip "
+            f"{trl['max_grad_norm']}, float32, no gradient checkpointing; reward = the run's "
+            f"constraint; median of {trl['steps_timed']} steps of train() after "
+            f"{trl['warmup_steps_untimed']} untimed, each from step begin to step end)",
+        ]
     return "\n".join(lines)
 
 
@@ -239,6 +286,10 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--override", dest="overrides", action="append", default=[],
                         help="any dmtune override, e.g. objective=kl_dpg (repeatable)")
+    parser.add_argument("--compile-sampler", action="store_true",
+                        help="add the sampler through its compiled decode step")
+    parser.add_argument("--no-trl", action="store_true",
+                        help="skip the TRL RLOO row even when trl is importable")
     parser.add_argument("--smoke", action="store_true",
                         help="the toy prior, 16 × 4, 1 repeat: checks that the script runs")
     parser.add_argument("--out", type=Path, default=None, help="JSON file (default: results/)")

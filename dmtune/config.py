@@ -81,6 +81,9 @@ class TrainConfig:
     # samples drawn at once (0: the whole batch; the samples are the same either way): bounds
     # the KV cache, which the whole batch's decoding holds
     sample_micro_batch_size: int = 0
+    # decode steps through torch.compile and a static KV cache (ended rows then stay in the batch):
+    # for GPUs; on 2 CPU cores it is slower (README, "Speed, memory and scale")
+    compile_sampler: bool = False
     eval_prompts: Optional[str] = None  # held-out prompts for dmtune eval (default: train.prompts)
     eval_split: Optional[str] = None  # ... or another split of the same dataset
     lr: float = 3e-4  # tuned on the 2.6M tiny prior (1e-3 diverges); ~1e-5 suits 100M+ priors

@@ -15,6 +15,7 @@ are sampled and scored through one object.
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,6 +32,7 @@ from dmtune.sampling import (
     Decoding,
     Samples,
     at_least_float32,
+    compile_decode_step,
     join_samples,
     micro_batches,
     position_ids_from_mask,
@@ -203,6 +205,10 @@ class LM:
     _prompts: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(
         init=False, default_factory=dict, repr=False
     )
+    # each network's compiled decode step (train.compile_sampler), compiled on first use
+    _decode_steps: dict[torch.nn.Module, Callable[..., object]] = field(
+        init=False, default_factory=dict, repr=False
+    )
 
     def __post_init__(self) -> None:
         self.compute_dtype = self.model.dtype
@@ -248,10 +254,12 @@ class LM:
         model: PreTrainedModel | None = None,
         contexts: Contexts | None = None,
         micro_batch_size: int = 0,
+        compile: bool = False,
     ) -> Samples:
         """``n`` continuations drawn from ``model`` (default: this LM's), of the prompt or, with
         ``contexts``, of each row's prompt; ``micro_batch_size`` rows at a time (0: all at once,
-        the same samples either way)."""
+        the same samples either way). ``compile``: decode steps through the network's compiled
+        forward and a static KV cache (:func:`dmtune.sampling.compile_decode_step`)."""
         if contexts is None:
             prompt_ids, prompt_mask = self.encode_prompts(n)
         else:
@@ -266,6 +274,11 @@ class LM:
         )
         parts = []
         with self.autocast(), using(model or self.model) as network:
+            decode_step = None
+            if compile:
+                if network not in self._decode_steps:
+                    self._decode_steps[network] = compile_decode_step(network)
+                decode_step = self._decode_steps[network]
             for rows in torch.arange(n, device=self.device).split(micro_batch_size or n):
                 parts.append(
                     sample(
@@ -276,6 +289,7 @@ class LM:
                         decoding,
                         self.filler_id,
                         uniforms=uniforms[rows],
+                        decode_step=decode_step,
                     )
                 )
         samples = join_samples(parts, self.filler_id)

@@ -9,10 +9,11 @@ which is what was actually sampled from.
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from transformers import DynamicCache, PreTrainedModel
+from transformers import DynamicCache, PreTrainedModel, StaticCache
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from dmtune.prompts import Contexts
@@ -28,6 +29,15 @@ def cache_argument(model: PreTrainedModel) -> str:
     base = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft
     parameters = inspect.signature(base.forward).parameters
     return "cache" if "cache" in parameters else "past_key_values"
+
+
+def compile_decode_step(model: PreTrainedModel) -> Callable[..., object]:
+    """``model``'s forward compiled for the sampler's one-token decode steps (``torch.compile``,
+    static shapes). :func:`sample` runs it with a ``StaticCache`` and keeps ended rows in the
+    batch, so every step of a batch has the same shapes and it compiles once per batch size;
+    the prompt's forward stays eager. It pays on a GPU, where a decode step is launch-bound; on
+    2 CPU cores it does not (README, "Speed, memory and scale")."""
+    return torch.compile(model, dynamic=False)
 
 
 def position_ids_from_mask(mask: torch.Tensor) -> torch.Tensor:
@@ -212,6 +222,7 @@ def sample(
     filler_id: int,
     generator: torch.Generator | None = None,
     uniforms: torch.Tensor | None = None,
+    decode_step: Callable[..., object] | None = None,
 ) -> Samples:
     """Draw one continuation per prompt row, with the model's KV cache.
 
@@ -222,6 +233,12 @@ def sample(
     one per row and position (``uniforms``, (batch, max_new_tokens), drawn from ``generator``
     when not given): a row's draws do not depend on which rows share its batch, so sampling a
     batch whole or in micro-batches gives the same samples.
+
+    ``decode_step`` (:func:`compile_decode_step` of ``model``) runs the decode steps instead of
+    ``model``, on a ``StaticCache`` (batch, heads, prompt + max_new_tokens, head_dim): fixed
+    shapes, so ended rows stay in the batch (their draws are discarded, as above) instead of
+    leaving it. The distribution and ``log q`` (the log-softmax of the logits the step computed)
+    are the same; the samples too, up to draws that float rounding moves across a CDF step.
     """
     batch, prompt_len = prompt_ids.shape
     device = prompt_ids.device
@@ -244,11 +261,16 @@ def sample(
     # a CPU syncs for free; a GPU checks for ended rows every few tokens
     check_every = 1 if device.type == "cpu" else _DONE_CHECK_EVERY
 
-    cache = DynamicCache(config=model.config)
+    static = decode_step is not None
+    if static:  # its mask always spans the whole cache; positions not yet written are causal
+        cache = StaticCache(config=model.config, max_cache_len=prompt_len + max_new)
+    else:
+        cache = DynamicCache(config=model.config)
+    forward = model if decode_step is None else decode_step
     with_cache = {cache_argument(model): cache, "use_cache": True}
     out = model(
         input_ids=prompt_ids,
-        attention_mask=prompt_mask,
+        attention_mask=attention if static else prompt_mask,
         position_ids=positions[:, :prompt_len],
         logits_to_keep=1,
         **with_cache,
@@ -269,15 +291,15 @@ def sample(
             running = int(alive.sum())
             if running == 0:
                 break
-            if running < len(rows):  # drop the ended rows from the batch and the cache
+            if running < len(rows) and not static:  # drop the ended rows: batch and cache
                 keep = alive.nonzero().squeeze(-1)
                 cache.batch_select_indices(keep)
                 rows, alive, token = rows[keep], alive[keep], token[keep]
                 attention, positions = attention[keep], positions[keep]
         column = prompt_len + t  # where the token just drawn sits
-        out = model(
+        out = forward(
             input_ids=token[:, None],
-            attention_mask=attention[:, : column + 1],
+            attention_mask=attention if static else attention[:, : column + 1],
             position_ids=positions[:, column : column + 1],
             **with_cache,
         )

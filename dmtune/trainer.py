@@ -192,6 +192,7 @@ class Trainer:
             model=sampler,
             contexts=contexts,
             micro_batch_size=self.config.sample_micro_batch_size,
+            compile=self.config.compile_sampler,
         )
 
     def update(self, samples: Samples, started: float | None = None) -> dict[str, float]:

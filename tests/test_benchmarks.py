@@ -7,6 +7,8 @@ import json
 import math
 from pathlib import Path
 
+import pytest
+
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
@@ -29,6 +31,19 @@ def test_step_time_smoke_prints_every_row_with_consistent_ratios(tmp_path, capsy
     assert math.isclose(result["vs_floor"]["naive floor"], 1.0)
     assert json.loads(out.read_text())["seconds"] == seconds
     assert "| dmtune sample |" in capsys.readouterr().out
+
+
+def test_step_time_trl_rloo_row_takes_the_same_batch_when_trl_is_installed(tmp_path):
+    pytest.importorskip("trl")  # not a dependency of dmtune: benchmarks/trl_rloo.py says how
+    result = _load("step_time").main(["--smoke", "--out", str(tmp_path / "step_time.json")])
+    seconds, settings = result["seconds"], result["trl_rloo"]
+    assert seconds["TRL RLOO step"] > 0 and settings["steps_timed"] == 1
+    assert (settings["num_generations"], settings["max_completion_length"]) == (16, 4)
+    assert settings["beta"] == 0.05 and settings["gradient_checkpointing"] is False
+    assert math.isclose(
+        result["dmtune_step_vs_trl_rloo"],
+        seconds["dmtune step (micro-batch 64)"] / seconds["TRL RLOO step"],
+    )
 
 
 def test_step_memory_smoke_measures_each_micro_batch_in_its_own_process(tmp_path):

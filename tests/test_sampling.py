@@ -8,7 +8,7 @@ from conftest import TOY_MAX_NEW_TOKENS
 
 from dmtune.exact import ExactSpace, enumerate_sequences, space_size
 from dmtune.lm import encode_prompts, filler_token_id, sequence_log_probs
-from dmtune.sampling import Decoding, check_ancestral, sample
+from dmtune.sampling import Decoding, check_ancestral, compile_decode_step, sample
 
 
 def _index_of(space: ExactSpace, tokens: torch.Tensor, filler: int) -> torch.Tensor:
@@ -117,3 +117,38 @@ def test_warped_sampler_reports_its_own_log_q(toy):
     expected = top2.values.log_softmax(-1)
     for token, log_q in zip(samples.tokens[:20, 0].tolist(), samples.log_q[:20].tolist()):
         assert log_q == pytest.approx(expected[top2.indices.tolist().index(token)].item(), abs=1e-5)
+
+
+def test_compiled_decode_step_gives_the_eager_samples_and_exact_log_q(toy, space):
+    """train.compile_sampler: a static KV cache, ended rows kept, decode steps compiled once;
+    left-padded prompts of several lengths."""
+    model, tokenizer = toy
+    filler = filler_token_id(tokenizer, 5)
+    n = 512
+    prompts = ["", "a b", "c"] * (n // 3) + [""] * (n % 3)
+    prompt_ids, prompt_mask = encode_prompts(tokenizer, prompts, filler)
+    uniforms = torch.rand((n, TOY_MAX_NEW_TOKENS), generator=torch.Generator().manual_seed(0),
+                          dtype=torch.float64)
+    decoding = Decoding(TOY_MAX_NEW_TOKENS)
+    eager = sample(model, tokenizer, prompt_ids, prompt_mask, decoding, filler, uniforms=uniforms)
+    step = compile_decode_step(model)
+    compiled = sample(
+        model, tokenizer, prompt_ids, prompt_mask, decoding, filler, uniforms=uniforms,
+        decode_step=step,
+    )
+    assert torch.equal(compiled.mask, eager.mask)
+    assert torch.equal(compiled.tokens * compiled.mask, eager.tokens * eager.mask)
+    assert torch.allclose(compiled.log_q, eager.log_q, atol=1e-10)
+    with torch.no_grad():
+        exact = space.log_probs(model)  # of continuations of the empty prompt
+    unprompted = torch.tensor([p == "" for p in prompts])
+    tokens = compiled.tokens.masked_fill(compiled.mask == 0, filler)[unprompted]
+    rows = _index_of(space, tokens, filler)
+    assert torch.allclose(compiled.log_q[unprompted], exact[rows], atol=1e-5)
+    # a second batch of the same size reuses the compiled step
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        again = sample(
+            model, tokenizer, prompt_ids, prompt_mask, decoding, filler, uniforms=uniforms,
+            decode_step=step,
+        )
+    assert torch.equal(again.tokens, compiled.tokens)
