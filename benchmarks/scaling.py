@@ -6,8 +6,8 @@ utilisation when ``--peak-tflops`` (the hardware's peak per device) is given:
 ``MFU = 8 · parameters · tokens/s / (processes · peak)`` — a step runs the policy forward twice
 (sampling, with its KV cache, and the update) and backward once (≈ 2 + 2 + 4 FLOPs per
 parameter and token; scoring by the prior adds 2 more and is left out, as is attention).
-Peak memory: the largest resident set of any process (CPU) or ``torch.cuda`` peak (GPU, from the
-run's ``perf/gpu_peak_gib``).
+Peak memory: the largest resident set of any one process of the run (CPU), or rank 0's
+``torch.cuda`` peak (GPU, the run's ``perf/gpu_peak_gib``).
 
     python benchmarks/scaling.py                                  # tiny prior, CPU, 1 and 2
     python benchmarks/scaling.py --model gpt2 --batch-size 512 --max-new-tokens 40 \\
@@ -21,7 +21,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -31,6 +30,12 @@ from pathlib import Path
 from typing import Any
 
 RESULTS = Path(__file__).parent / "results"
+# runs argv[1:], then prints the largest resident set of any process below it (KiB)
+_PEAK_OF_CHILDREN = (
+    "import resource, subprocess, sys; code = subprocess.call(sys.argv[1:]); "
+    "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, file=sys.stderr); "
+    "sys.exit(code)"
+)
 
 
 def run(args: argparse.Namespace, processes: int, lora: int, run_dir: Path) -> dict[str, Any]:
@@ -45,12 +50,14 @@ def run(args: argparse.Namespace, processes: int, lora: int, run_dir: Path) -> d
         *args.overrides,
     ]
     started = time.perf_counter()
-    done = subprocess.run(
-        [sys.executable, "-m", "dmtune", "train", *overrides],
+    done = subprocess.run(  # through a parent of its own: its children's peak is this run's
+        [sys.executable, "-c", _PEAK_OF_CHILDREN, sys.executable, "-m", "dmtune", "train",
+         *overrides],
         capture_output=True, text=True, timeout=args.timeout,
     )
     if done.returncode != 0:
         raise SystemExit(f"dmtune train {' '.join(overrides)} failed:\n{done.stderr[-2000:]}")
+    peak_kib = int(done.stderr.strip().splitlines()[-1])
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     steps = [row for row in rows if row["step"] > args.warmup]
     step_s = statistics.median(row["perf/step_s"] for row in steps)
@@ -62,7 +69,7 @@ def run(args: argparse.Namespace, processes: int, lora: int, run_dir: Path) -> d
         "samples_per_s": args.batch_size / step_s,
         "tokens_per_s": tokens_s,
         "wall_s": time.perf_counter() - started,
-        "peak_rss_mib": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
+        "peak_rss_mib": peak_kib / 1024,
     }
     gpu = [row["perf/gpu_peak_gib"] for row in steps if "perf/gpu_peak_gib" in row]
     if gpu:
