@@ -14,7 +14,7 @@ import pytest
 from typer.testing import CliRunner
 
 from dmtune.cli import app
-from dmtune.loggers import read_jsonl
+from dmtune.jsonl import read_jsonl
 from dmtune.objectives import OBJECTIVES
 from dmtune.overrides import CONF_DIR
 from dmtune.priors import TINY_PRIOR_DIR
