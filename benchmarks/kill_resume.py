@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 from dmtune.checkpoint import CheckpointError, load_checkpoint
-from dmtune.loggers import read_jsonl
+from dmtune.jsonl import read_jsonl
 from dmtune.rundir import RunDir
 
 ARGS = [

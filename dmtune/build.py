@@ -22,19 +22,13 @@ from dmtune.config import objective_name_and_params
 from dmtune.constraints import build_feature
 from dmtune.distributed import World
 from dmtune.lm import LM
-from dmtune.loggers import (
-    WANDB_GROUP_MAX,
-    JsonlSink,
-    RunLogger,
-    Sink,
-    WandbOptions,
-    WandbSink,
-)
+from dmtune.loggers import JsonlSink, RunLogger, Sink
 from dmtune.priors import TOY, load_prior
 from dmtune.prompts import prompt_set
 from dmtune.rundir import RunDir
 from dmtune.target import Target
 from dmtune.trainer import Trainer, TrainerConfig
+from dmtune.wandb_sink import WANDB_GROUP_MAX, WandbOptions, WandbSink
 
 
 def resolve_device(cfg: DictConfig, world: World | None = None) -> torch.device:

@@ -21,7 +21,6 @@ from transformers.utils import logging as hf_logging
 
 from dmtune import distributed
 from dmtune import metrics as m
-from dmtune.loggers import WHERE_OFFLINE, WHERE_ONLINE
 from dmtune.overrides import (
     CONF_DIR,
     ConfigError,
@@ -35,6 +34,7 @@ from dmtune.overrides import (
     user_config_dirs,
 )
 from dmtune.overrides import compose_config as _compose
+from dmtune.wandb_sink import WHERE_OFFLINE, WHERE_ONLINE
 
 # The CLI shows its own progress bar and summary; transformers' loading/saving bars and
 # advice messages would only interleave with them.

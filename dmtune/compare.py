@@ -20,7 +20,7 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from dmtune import metrics as m
-from dmtune.loggers import read_jsonl
+from dmtune.jsonl import read_jsonl
 from dmtune.rundir import RunDir
 
 _MISSING = object()

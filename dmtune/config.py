@@ -277,8 +277,8 @@ def _check_lora(cfg: DictConfig) -> None:
 
 def _check_device_and_logger(cfg: DictConfig) -> None:
     from dmtune.build import SINKS
-    from dmtune.loggers import WANDB_MODES
     from dmtune.priors import DTYPES
+    from dmtune.wandb_sink import WANDB_MODES
 
     device = cfg.device.name
     if device not in DEVICES and not device.startswith("cuda:"):

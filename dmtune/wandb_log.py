@@ -5,7 +5,7 @@ log of protobuf records); ``wandb sync`` uploads exactly that. A resumed run wri
 file, in a new ``offline-run-*`` (or ``run-*``) dir. W&B writes the log in 32 KiB blocks: a
 SIGKILL loses the records still in its buffer, so after a crash the log may end some steps
 before ``metrics.jsonl`` does. :func:`last_step` says how far the logs go, for a resumed
-run to send W&B the steps it lacks and only those (:class:`dmtune.loggers.WandbSink`).
+run to send W&B the steps it lacks and only those (:class:`dmtune.wandb_sink.WandbSink`).
 
 :func:`read_offline_records` and :func:`read_offline_history` read records back with W&B's own
 reader (``wandb leet inspect --json``, wandb ≥ 0.31): what the tests check W&B received.
@@ -21,6 +21,8 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+from dmtune.jsonl import decode_nonfinite
 
 _HEADER = b":W&B"  # then a 2-byte magic number and a version byte
 _HEADER_LEN = 7  # the file header and every chunk header are 7 bytes
@@ -111,8 +113,6 @@ def read_offline_history(path: str | Path) -> list[dict[str, Any]]:
     one log per segment). Rows hold the logged keys plus ``_step``, ``_runtime``,
     ``_timestamp``; nested values such as tables are flattened with dots (``samples._type``);
     non-finite values come back as floats."""
-    from dmtune.loggers import decode_nonfinite
-
     return [
         decode_nonfinite(record["history"]["item"])
         for record in read_offline_records(path, "history")

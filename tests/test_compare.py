@@ -8,7 +8,7 @@ import statistics
 from typer.testing import CliRunner
 
 from dmtune.cli import app
-from dmtune.loggers import read_jsonl
+from dmtune.jsonl import read_jsonl
 
 runner = CliRunner()
 METRIC = "divergence/kl_policy_prior"

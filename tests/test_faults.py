@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 
 from dmtune import checkpoint
 from dmtune.cli import app
-from dmtune.loggers import read_jsonl
+from dmtune.jsonl import read_jsonl
 from dmtune.priors import TINY_PRIOR_DIR
 from dmtune.wandb_log import read_offline_history
 

@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 from dmtune import metrics
 from dmtune.build import trainer_config
 from dmtune.cli import app
-from dmtune.loggers import read_jsonl
+from dmtune.jsonl import read_jsonl
 from dmtune.objectives import OBJECTIVES, objective_params
 from dmtune.overrides import CONF_DIR, compose_config
 from dmtune.rundir import RunDir

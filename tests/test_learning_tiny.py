@@ -12,7 +12,7 @@ import pytest
 from typer.testing import CliRunner
 
 from dmtune.cli import app
-from dmtune.loggers import read_jsonl
+from dmtune.jsonl import read_jsonl
 from dmtune.priors import TINY_PRIOR_DIR
 
 LEARNING_STEPS = 80

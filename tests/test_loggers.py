@@ -15,18 +15,11 @@ import numpy as np
 import pytest
 import torch
 
-from dmtune.loggers import (
-    RUN_ID_FILE,
-    JsonlSink,
-    JsonlWriter,
-    RunLogger,
-    WandbOptions,
-    read_jsonl,
-    resolve_wandb_mode,
-    to_python,
-)
+from dmtune.jsonl import JsonlWriter, read_jsonl, to_python
+from dmtune.loggers import JsonlSink, RunLogger
 from dmtune.rundir import RunDir
 from dmtune.wandb_log import read_offline_history
+from dmtune.wandb_sink import RUN_ID_FILE, WandbOptions, resolve_wandb_mode
 
 OFFLINE = WandbOptions(mode="offline", project="dmtune-test", group="g", tags=("unit",))
 CONFIG = {"objective": {"name": "dpg", "lr": 1e-3}, "seed": 0}
@@ -233,7 +226,7 @@ def test_wandb_failure_mid_run_is_one_line_with_the_sync_command(tmp_path: Path)
 
 
 def test_tags_fit_wandb_and_nested_summaries_are_flat() -> None:
-    from dmtune.loggers import flatten, short_tag
+    from dmtune.wandb_sink import flatten, short_tag
 
     assert short_tag("/data/models/" + "x" * 80 + "/smollm2-135m") == "smollm2-135m"
     assert len(short_tag("y" * 100)) == 64 and short_tag("gpt2") == "gpt2"

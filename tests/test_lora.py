@@ -10,8 +10,8 @@ import torch
 from test_cli import dmtune
 
 from dmtune.constraints import TokenPresent
+from dmtune.jsonl import read_jsonl
 from dmtune.lm import LM
-from dmtune.loggers import read_jsonl
 from dmtune.objectives import OBJECTIVES
 from dmtune.priors import make_toy_prior
 from dmtune.sampling import Decoding

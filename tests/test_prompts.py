@@ -90,7 +90,7 @@ from typer.testing import CliRunner  # noqa: E402
 
 from dmtune import metrics as m  # noqa: E402
 from dmtune.cli import app  # noqa: E402
-from dmtune.loggers import read_jsonl  # noqa: E402
+from dmtune.jsonl import read_jsonl  # noqa: E402
 
 runner = CliRunner()
 TOY = ["experiment=toy", "train.steps=4", "train.batch_size=16", "train.fit_samples=256",

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from dmtune.cli import app
 from dmtune.constraints import build_feature
-from dmtune.loggers import read_jsonl
+from dmtune.jsonl import read_jsonl
 from dmtune.sampling import Samples
 
 runner = CliRunner()

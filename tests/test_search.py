@@ -13,7 +13,7 @@ from wandb.sdk.launch.sweeps.utils import create_sweep_command_args
 
 from dmtune.cli import app
 from dmtune.config import register_configs
-from dmtune.loggers import read_jsonl
+from dmtune.jsonl import read_jsonl
 from dmtune.overrides import CONF_DIR
 
 runner = CliRunner()

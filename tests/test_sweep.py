@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 
 from dmtune.build import default_group
 from dmtune.cli import app
-from dmtune.loggers import read_jsonl
+from dmtune.jsonl import read_jsonl
 from dmtune.rundir import RunDir
 
 runner = CliRunner()

@@ -35,12 +35,20 @@ def _train(prior, target, steps, **config):
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    "objective, kwargs",
-    [("dpg", {}), ("dpg_baseline", {}), ("kl_dpg", {}), ("fdpg", {"divergence": "forward_kl"})],
+    "objective, kwargs, steps",
+    [
+        # KL(p‖π) / its start over seeds 0–2: plain DPG is noisy (0.45, 0.36, 0.34 at 200 steps;
+        # 0.34, 0.23, 0.29 at 300); the baseline, KL-adaptive and f-DPG variants are at most
+        # 0.18 by 150 steps (0.06–0.13 at 300), has_d up by ≥ 0.12 (0.05 needed)
+        ("dpg", {}, 300),
+        ("dpg_baseline", {}, 150),
+        ("kl_dpg", {}, 150),
+        ("fdpg", {"divergence": "forward_kl"}, 150),
+    ],
 )
-def test_distribution_matching_halves_kl_to_a_pointwise_target(prior, objective, kwargs):
+def test_distribution_matching_halves_kl_to_a_pointwise_target(prior, objective, kwargs, steps):
     trainer, start, _ = _train(
-        prior, Target(pointwise=(HAS_D,)), 300, objective=objective, objective_params=kwargs
+        prior, Target(pointwise=(HAS_D,)), steps, objective=objective, objective_params=kwargs
     )
     end = trainer.exact_metrics()
     assert end["exact/kl_target_policy"] < 0.5 * start["exact/kl_target_policy"]
@@ -53,7 +61,9 @@ def test_distribution_matching_reaches_a_distributional_target(prior, objective)
     target = Target(
         distributional=(TokenCount(4, "n_d"),), moments=torch.tensor([1.5]), pointwise=()
     )
-    trainer, start, _ = _train(prior, target, 300, objective=objective)
+    # by 100 steps, over seeds 0–2: KL(p‖π) at most 0.14 of its start, |E[n_d] − 1.5| at most
+    # 0.14 of its start (both must be under 0.5)
+    trainer, start, _ = _train(prior, target, 100, objective=objective)
     end = trainer.exact_metrics()
     assert end["exact/kl_target_policy"] < 0.5 * start["exact/kl_target_policy"]
     assert abs(end["exact/constraint/n_d"] - 1.5) < 0.5 * abs(start["exact/constraint/n_d"] - 1.5)
@@ -61,19 +71,20 @@ def test_distribution_matching_reaches_a_distributional_target(prior, objective)
 
 @pytest.mark.slow
 def test_reinforce_collapses_to_low_entropy(prior):
-    trainer, start, _ = _train(prior, Target(pointwise=(HAS_D,)), 300, objective="reinforce")
+    trainer, start, _ = _train(prior, Target(pointwise=(HAS_D,)), 150, objective="reinforce")
     end = trainer.exact_metrics()
     assert end["exact/constraint/has_d"] > 0.99
-    # the collapse of 2206.00761 §3: 0.39–0.81 nats over seeds 0–3, from 3.15
-    # (DM methods stay near 3.7)
+    # the collapse of 2206.00761 §3: by 150 steps 0.23–0.51 nats over seeds 0–2, from 3.15
+    # (DM methods stay near 3.7); has_d ≥ 0.999 by 100 steps
     assert end["exact/entropy"] < 0.3 * start["exact/entropy"]
 
 
 @pytest.mark.slow
 def test_kl_control_moves_toward_its_own_target_p_beta(prior):
     beta = 0.5
+    # KL(p_β‖π) / KL(p_β‖a) by 150 steps: 0.08, 0.08, 0.11 over seeds 0–2 (0.5 needed)
     trainer, _, _ = _train(
-        prior, Target(pointwise=(HAS_D,)), 300, objective="kl_control",
+        prior, Target(pointwise=(HAS_D,)), 150, objective="kl_control",
         objective_params={"beta": beta},
     )
     (space,) = trainer.exact.spaces  # one prompt: one enumerated space

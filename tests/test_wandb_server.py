@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from dmtune.loggers import read_jsonl
+from dmtune.jsonl import read_jsonl
 
 TOY = ["experiment=toy", "train.fit_samples=64", "train.batch_size=16", "device.threads=1"]
 API_KEY = "local" + "0" * 40  # openwandb takes any key; the W&B SDK wants 40+ characters
