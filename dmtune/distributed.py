@@ -172,17 +172,19 @@ def launch(run_dir: Path, cfg: Any) -> dict[str, Any]:
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
     n = int(cfg.device.num_processes)
-    config = LaunchConfig(
-        min_nodes=1,
-        max_nodes=1,
-        nproc_per_node=n,
-        run_id=str(uuid.uuid4()),
-        shutdown_timeout=60,  # SIGTERM lets a rank finish its step and checkpoint
-        rdzv_backend="c10d",
-        rdzv_endpoint="localhost:0",  # a free port, as torchrun --standalone
-        max_restarts=0,
-        monitor_interval=0.5,
-    )
+    settings = {
+        "min_nodes": 1,
+        "max_nodes": 1,
+        "nproc_per_node": n,
+        "run_id": str(uuid.uuid4()),
+        "rdzv_backend": "c10d",
+        "rdzv_endpoint": "localhost:0",  # a free port, as torchrun --standalone
+        "max_restarts": 0,
+        "monitor_interval": 0.5,
+        "shutdown_timeout": 60,  # after SIGTERM, a rank finishes its step and checkpoints
+    }
+    known = {f.name for f in dataclasses.fields(LaunchConfig)}  # shutdown_timeout: torch 2.6+
+    config = LaunchConfig(**{k: v for k, v in settings.items() if k in known})
     env_threads = "OMP_NUM_THREADS" not in os.environ
     if env_threads:  # device.threads, or torchrun's rule: the cores shared between the workers
         threads = cfg.device.threads or max(1, (os.cpu_count() or 1) // n)

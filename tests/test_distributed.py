@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from dmtune.loggers import read_jsonl
+from dmtune.jsonl import read_jsonl
 
 HERE = Path(__file__).parent
 TIMEOUT_S = 300
