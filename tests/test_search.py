@@ -162,3 +162,36 @@ def test_wandb_sweep_configs_search_intervals_and_refuse_what_wandb_cannot_do(tm
     ])
     assert result.exit_code == 2 and "bayes needs a metric" in result.stderr
     assert not (tmp_path / "b.yaml").exists() and not (tmp_path / "c.yaml").exists()
+
+
+def test_a_data_parallel_job_under_submitit_starts_its_own_process_group(tmp_path):
+    """What a SLURM job holding N GPUs runs: the job (a submitit subprocess here) starts
+    device.num_processes ranks itself; one run dir counts every rank's samples."""
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    result = runner.invoke(app, [
+        "sweep", *TOY, "train.steps=3", "train.batch_size=16", "seed=0", "device=ddp",
+        "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=5",
+        f"hydra.sweep.dir={tmp_path}",
+    ])
+    assert result.exit_code == 0, result.output
+    (run,) = _run_dirs(tmp_path)
+    assert [m["samples_seen"] for m in read_jsonl(run / "metrics.jsonl")] == [0, 16, 32, 48]
+    assert len(list((tmp_path / ".submitit").glob("*/*_result.pkl"))) == 1
+    import torch
+
+    state = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
+    assert state["world_size"] == 2 and len(state["rank_rngs"]) == 2  # two ranks sampled
+
+
+def test_the_slurm_launcher_composes_a_several_gpu_job():
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    register_configs()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(
+            "config",
+            overrides=["hydra/launcher=slurm", "hydra.launcher.gpus_per_node=4", "device=ddp",
+                       "device.name=cuda", "device.num_processes=4", "size=paper"],
+            return_hydra_config=True,
+        )
+    assert (cfg.hydra.launcher.gpus_per_node, cfg.hydra.launcher.tasks_per_node) == (4, 1)
+    assert (cfg.device.name, cfg.device.num_processes, cfg.device.strategy) == ("cuda", 4, "ddp")
