@@ -128,7 +128,9 @@ class RunDir:
         saved = list(OmegaConf.load(self.overrides_file))
         hydra_file = self.overrides_file.with_name("hydra.yaml")
         if hydra_file.is_file():  # the user's config dirs, saved among Hydra's own overrides
-            hydra = OmegaConf.load(hydra_file).hydra.overrides.hydra
+            # Hydra rewrites it at each resume, in place: a kill then can leave it empty
+            loaded = OmegaConf.load(hydra_file) or {}
+            hydra = OmegaConf.select(OmegaConf.create(loaded), "hydra.overrides.hydra") or []
             saved = [o for o in hydra if o.startswith("hydra.searchpath=")] + saved
         return [o for o in saved if not o.startswith(("resume=", "hydra.run.dir="))]
 

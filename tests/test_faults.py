@@ -83,6 +83,17 @@ def test_a_checkpoint_that_would_run_code_is_refused_by_every_command(toy_run, t
         assert not marker.exists(), args
 
 
+def test_a_run_killed_while_hydra_rewrote_its_files_still_resumes(toy_run, tmp_path):
+    """Each resume has Hydra rewrite .hydra/ in place: a kill then can leave hydra.yaml empty
+    (found by the random-SIGKILL test below)."""
+    run_dir = tmp_path / "run"
+    subprocess.run(["cp", "-r", str(toy_run), str(run_dir)], check=True)
+    (run_dir / ".hydra" / "hydra.yaml").write_text("")
+    result = dmtune("train", f"resume={run_dir}", "train.steps=5")
+    assert result.exit_code == 0, result.output
+    assert read_jsonl(run_dir / "metrics.jsonl")[-1]["step"] == 5
+
+
 def test_a_genuine_checkpoint_resumes_bit_identically(toy_run, tmp_path):
     more = [*TOY[:1], "train.steps=6", *TOY[2:]]
     straight = tmp_path / "straight"
