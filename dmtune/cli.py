@@ -99,7 +99,6 @@ def _train_task(cfg: DictConfig) -> dict[str, float | None]:
     hydra/sweeper=optuna optimises."""
     from hydra.core.hydra_config import HydraConfig
 
-    from dmtune import distributed
     from dmtune.priors import PriorUnavailableError
     from dmtune.run import DivergenceError
     from dmtune.run import train as train_run
@@ -111,7 +110,7 @@ def _train_task(cfg: DictConfig) -> dict[str, float | None]:
         shown = [o for o in hydra_cfg.overrides.task if not o.startswith(hidden)]
         typer.echo(f"job {hydra_cfg.job.num + 1}/{total}: {' '.join(shown)}", err=True)
     # under torchrun / accelerate launch every rank runs this; rank 0 speaks for them
-    quiet = distributed.launched() and int(os.environ.get("RANK", "0")) > 0
+    quiet = distributed.launched() and not distributed.init(cfg).is_main
     try:
         if cfg.device.num_processes > 1 and not distributed.launched():
             summary = distributed.launch(run_dir, cfg)  # the workers train; rank 0 reports

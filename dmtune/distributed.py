@@ -83,11 +83,10 @@ class World:
         return value
 
     def prepare(self, model: torch.nn.Module) -> torch.nn.Module:
-        """The module the update's forward/backward runs (DDP or FSDP around ``model``)."""
+        """The module the update's forward/backward runs (DDP around ``model``)."""
         if self.size == 1:
             return model
         return self.accelerator.prepare_model(model)
-
 
 
 def moved(value: Any, device: torch.device | str) -> Any:

@@ -117,7 +117,6 @@ class Trainer:
         self.generator = torch.Generator(self.device).manual_seed(seed)
         # which prompts each step draws (on the CPU: it only picks indices)
         self.prompt_generator = torch.Generator().manual_seed(seed)
-        self.world_offset = 0  # where this rank's samples start in the gathered batch
         self.step_count = 0
         self.samples_seen = 0
         self.skipped_steps = 0  # steps whose loss or gradient was not finite (no update)
@@ -201,7 +200,7 @@ class Trainer:
         started = time.perf_counter() if started is None else started
         sampled = time.perf_counter()
         micro = self.config.micro_batch_size
-        own = samples
+        own, offset = samples, 0  # this rank's samples, where they start in the whole batch
 
         # --- score: features, prior, target, running log Ẑ ---
         scores = self.target.score(samples)
@@ -211,6 +210,7 @@ class Trainer:
             if self.proposal is not None:
                 log_pi = self.lm.log_probs(samples, model=self.policy, micro_batch_size=micro)
         if self.world.size > 1:  # every rank's samples: the step below is the whole batch's
+            offset = self.world.rank * len(own)  # every rank holds an equal share
             samples, scores, log_prior, log_pi = self._gather(samples, scores, log_prior, log_pi)
         contexts = samples.contexts
         log_target = self.target.log_prob(log_prior, scores)  # (batch,), −inf where b(x) = 0
@@ -238,7 +238,7 @@ class Trainer:
         if dropout:
             lora.set_dropout(self.policy, True)
         # this rank's samples; DDP averages the ranks' gradients, so each weighs world.size ×
-        rows = slice(self.world_offset, self.world_offset + len(own))
+        rows = slice(offset, offset + len(own))
         own_weights = weights[rows] * self.world.size
         self.lm.backward(own, own_weights, model=self.trained, micro_batch_size=micro)
         if dropout:
@@ -309,11 +309,8 @@ class Trainer:
         log_prior: torch.Tensor,
         log_pi: torch.Tensor | None,
     ) -> tuple[Samples, Scores, torch.Tensor, torch.Tensor | None]:
-        """Every rank's samples, scores and log-probs, in rank order, on this device; sets
-        :attr:`world_offset`, where this rank's rows start."""
+        """Every rank's samples, scores and log-probs, in rank order, on this device."""
         parts = self.world.gather((samples, scores, log_prior, log_pi))
-        ranks_before = parts[: self.world.rank]
-        self.world_offset = sum(len(part[0]) for part in ranks_before)
         joined = join_samples([part[0] for part in parts], self.lm.filler_id)
         if samples.contexts is not None:  # each rank drew its own prompt groups
             joined.contexts = join_contexts([part[0].contexts for part in parts])
@@ -367,9 +364,7 @@ class Trainer:
             "log_z": self.log_z.state_dict(),
             "lambdas": self.target.lambdas.clone(),
             "target_fitted": self.target.fitted,
-            "generator": self.generator.get_state(),
-            "prompt_generator": self.prompt_generator.get_state(),
-            "torch_rng": torch.get_rng_state(),
+            **self._rng_states(),
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
             "world_size": self.world.size,
             "rank_rngs": rank_rngs if self.world.size > 1 else [],
@@ -380,6 +375,7 @@ class Trainer:
         }
 
     def _rng_states(self) -> dict[str, Any]:
+        """This rank's sampling, prompt and torch RNG states."""
         return {
             "generator": self.generator.get_state(),
             "prompt_generator": self.prompt_generator.get_state(),
@@ -405,17 +401,14 @@ class Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
         self.log_z.load_state_dict(state["log_z"])
         self.target.lambdas, self.target.fitted = state["lambdas"], state["target_fitted"]
-        self.generator.set_state(state["generator"])
-        if "prompt_generator" in state:  # checkpoints of dmtune 0.1.0 predate prompts
-            self.prompt_generator.set_state(state["prompt_generator"])
-        torch.set_rng_state(state["torch_rng"])
+        # this rank's own streams (a single process's are the top-level ones)
+        own = state["rank_rngs"][self.world.rank] if self.world.size > 1 else state
+        self.generator.set_state(own["generator"])
+        if "prompt_generator" in own:  # checkpoints of dmtune 0.1.0 predate prompts
+            self.prompt_generator.set_state(own["prompt_generator"])
+        torch.set_rng_state(own["torch_rng"])
         if state["cuda_rng"]:
             torch.cuda.set_rng_state_all(state["cuda_rng"])
-        if self.world.size > 1:  # this rank's own streams
-            own = state["rank_rngs"][self.world.rank]
-            self.generator.set_state(own["generator"])
-            self.prompt_generator.set_state(own["prompt_generator"])
-            torch.set_rng_state(own["torch_rng"])
         self.step_count, self.samples_seen = state["step"], state["samples_seen"]
         # checkpoints of dmtune 0.1.0 predate skipped steps
         self.skipped_steps, self.bad_steps = (

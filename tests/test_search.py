@@ -93,15 +93,17 @@ def test_submitit_launches_the_jobs_of_a_sweep(tmp_path):
     assert len(list((tmp_path / ".submitit").glob("*/*_result.pkl"))) == 2
 
 
-def test_the_slurm_launcher_config_points_at_a_partition():
-    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+def _compose_with_hydra(overrides: list[str]):
     register_configs()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose(
-            "config",
-            overrides=["hydra/launcher=slurm", "hydra.launcher.partition=gpu", "size=paper"],
-            return_hydra_config=True,
-        )
+        return compose("config", overrides=overrides, return_hydra_config=True)
+
+
+def test_the_slurm_launcher_config_points_at_a_partition():
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    cfg = _compose_with_hydra(
+        ["hydra/launcher=slurm", "hydra.launcher.partition=gpu", "size=paper"]
+    )
     launcher = cfg.hydra.launcher
     assert launcher._target_.endswith("submitit_launcher.SlurmLauncher")
     assert (launcher.partition, launcher.gpus_per_node, launcher.tasks_per_node) == ("gpu", 1, 1)
@@ -185,13 +187,8 @@ def test_a_data_parallel_job_under_submitit_starts_its_own_process_group(tmp_pat
 
 def test_the_slurm_launcher_composes_a_several_gpu_job():
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
-    register_configs()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose(
-            "config",
-            overrides=["hydra/launcher=slurm", "hydra.launcher.gpus_per_node=4", "device=ddp",
-                       "device.name=cuda", "device.num_processes=4", "size=paper"],
-            return_hydra_config=True,
-        )
+    cfg = _compose_with_hydra(["hydra/launcher=slurm", "hydra.launcher.gpus_per_node=4",
+                               "device=ddp", "device.name=cuda", "device.num_processes=4",
+                               "size=paper"])
     assert (cfg.hydra.launcher.gpus_per_node, cfg.hydra.launcher.tasks_per_node) == (4, 1)
     assert (cfg.device.name, cfg.device.num_processes, cfg.device.strategy) == ("cuda", 4, "ddp")
