@@ -207,10 +207,10 @@ def load_run(run_dir: str | Path, cfg: DictConfig | None = None) -> LoadedRun:
     import torch
 
     from dmtune.build import build_lm, build_target
+    from dmtune.calibration import calibrate
     from dmtune.checkpoint import load_checkpoint
     from dmtune.lm import Networks
     from dmtune.target import RunningLogZ
-    from dmtune.trainer import calibrate
 
     run = RunDir(run_dir)
     saved = run.load_config()
