@@ -62,6 +62,8 @@ def build_lm(cfg: DictConfig, evaluation: bool = False, world: World | None = No
     prompts (with ``evaluation``, the held-out prompts when the config names some)."""
     toy = OmegaConf.to_container(cfg.model.toy, resolve=True)
     device = resolve_device(cfg, world)
+    if world is not None and world.sharded:  # whole on the CPU; its shards go to the device
+        device = torch.device("cpu")
     prior, tokenizer = load_prior(
         cfg.model.name_or_path, dtype=cfg.device.dtype, device=device, toy=toy
     )

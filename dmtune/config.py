@@ -108,7 +108,8 @@ class DeviceConfig:
     # data parallel (accelerate): processes of one run, each sampling batch_size / N; 1: none.
     # dmtune starts them itself (torch's elastic launcher), or joins torchrun / accelerate launch
     num_processes: int = 1
-    strategy: str = "ddp"  # ddp: each rank holds the weights (sharded FSDP is not there yet)
+    # ddp: each rank holds the weights; fsdp: each holds 1/N of weights, gradients, optimizer
+    strategy: str = "ddp"
     timeout_s: float = 600.0  # a collective waiting this long for a silent rank fails the run
 
 
@@ -307,9 +308,11 @@ def _check_processes(cfg: DictConfig) -> None:
     if n < 1:
         raise ValueError(f"device.num_processes={n} must be at least 1")
     if device.strategy not in STRATEGIES:
+        raise ValueError(f"device.strategy={device.strategy!r}; valid: {', '.join(STRATEGIES)}")
+    if device.strategy == "fsdp" and cfg.model.lora.r > 0:
         raise ValueError(
-            f"device.strategy={device.strategy!r}; valid: {', '.join(STRATEGIES)} (for a model "
-            "too large for one GPU's training state, use model.lora: its optimizer state is small)"
+            f"device.strategy=fsdp with model.lora.r={cfg.model.lora.r} is not supported: "
+            "LoRA's trainable state is the adapters, small enough for device.strategy=ddp"
         )
     if not device.timeout_s > 0:
         raise ValueError(f"device.timeout_s={device.timeout_s} must be > 0 (seconds)")

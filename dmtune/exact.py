@@ -19,6 +19,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerFast
 
 from dmtune import metrics as m
+from dmtune.distributed import unsharded
 from dmtune.lm import encode_prompts, filler_token_id, sequence_log_probs
 from dmtune.lora import using
 from dmtune.objectives import Batch
@@ -94,7 +95,7 @@ class ExactSpace:
     def log_probs(self, model: PreTrainedModel) -> torch.Tensor:
         """``log model(x)`` for every sequence: (n,), differentiable when grad is enabled."""
         s = self.samples
-        with using(model) as network:
+        with using(model) as network, unsharded(network):
             chunks = [
                 sequence_log_probs(
                     network, s.prompt_ids[i:j], s.prompt_mask[i:j], s.tokens[i:j], s.mask[i:j]

@@ -25,7 +25,8 @@ import torch.nn.functional as F
 from transformers import PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
-from dmtune import lora
+from dmtune import distributed, lora
+from dmtune.distributed import unsharded
 from dmtune.lora import using
 from dmtune.prompts import Contexts, PromptSet
 from dmtune.sampling import (
@@ -56,7 +57,8 @@ class Networks:
     Without LoRA, three networks: frozen copies of the prior and the proposal, and a float32
     policy that takes gradients. With LoRA (``model.lora.r > 0``), one: the prior's own network
     with a policy adapter (and a proposal adapter), the prior being it with adapters off
-    (:mod:`dmtune.lora`). Checkpoints hold :meth:`state` of each, adapters only with LoRA.
+    (:mod:`dmtune.lora`). Checkpoints hold :meth:`state` of each, adapters only with LoRA;
+    :meth:`shard` splits the three networks over the ranks of an FSDP run.
     """
 
     prior: Any
@@ -69,10 +71,13 @@ class Networks:
         """From the prior (modified in place with LoRA); ``lora_options``: model.lora or None."""
         if lora_options is None or lora_options.r <= 0:
             # A half-precision prior (device.dtype=bfloat16/float16) runs under autocast, but
-            # the policy keeps float32 weights: AdamW steps of lr ~1e-5 are below bfloat16's
-            # resolution (2^-8 relative) and would round away in half-precision weights.
+            # the policy keeps float32 weights (a float64 prior's: float64): AdamW steps of lr
+            # ~1e-5 are below bfloat16's resolution (2^-8 relative) and would round away in
+            # half-precision weights.
             # eval mode: no dropout, so π is the same distribution we sample from and score
-            policy = frozen_copy(prior).float().requires_grad_(True)
+            policy = frozen_copy(prior).requires_grad_(True)
+            if policy.dtype in HALF_DTYPES:
+                policy.float()
             copied = frozen_copy(policy) if proposal else None
             return cls(frozen_copy(prior), policy, copied, lora=False)
         # one network: ``prior`` gets adapters (in place); float32 adapters on its weights
@@ -80,15 +85,27 @@ class Networks:
         view = lora.AdapterView(policy, lora.PROPOSAL) if proposal else None
         return cls(lora.AdapterView(policy, None), policy, view, lora=True)
 
+    def shard(self, world: distributed.World) -> None:
+        """FSDP: each network's weights split over ``world``'s ranks (in place)."""
+        if self.lora:
+            raise ValueError(
+                "device.strategy=fsdp with model.lora is not supported: LoRA's trainable state "
+                "is the adapters, small enough for device.strategy=ddp"
+            )
+        for network in (self.prior, self.policy, self.proposal):
+            if network is not None:
+                world.shard(network)
+
     def state(self, which: str) -> dict[str, torch.Tensor]:
-        """What a checkpoint holds of ``which`` ("policy" or "proposal")."""
+        """What a checkpoint holds of ``which`` ("policy" or "proposal"): whole tensors, also
+        of a sharded network (on rank 0; a collective)."""
         if not self.lora:
-            return getattr(self, which).state_dict()
+            return distributed.model_state(getattr(self, which))
         return lora.adapter_state(self.policy, self._adapter(which))
 
     def load(self, which: str, state: dict[str, torch.Tensor]) -> None:
         if not self.lora:
-            getattr(self, which).load_state_dict(state)
+            distributed.load_model_state(getattr(self, which), state)
         else:
             lora.load_adapter_state(self.policy, state, self._adapter(which))
 
@@ -273,7 +290,7 @@ class LM:
             device=self.device,
         )
         parts = []
-        with self.autocast(), using(model or self.model) as network:
+        with self.autocast(), using(model or self.model) as network, unsharded(network):
             decode_step = None
             if compile:
                 if network not in self._decode_steps:
@@ -311,15 +328,16 @@ class LM:
         micro-batch only. (With grad, :meth:`backward` is the micro-batched pass.)
         """
         if micro_batch_size and not torch.is_grad_enabled():
-            parts = [
-                (rows, self.log_probs(samples.select(rows), model=model))
-                for rows in micro_batches(samples, micro_batch_size)
-            ]
+            with unsharded(model or self.model):  # gathered once for every micro-batch
+                parts = [
+                    (rows, self.log_probs(samples.select(rows), model=model))
+                    for rows in micro_batches(samples, micro_batch_size)
+                ]
             values = parts[0][1].new_empty(len(samples))
             for rows, part in parts:
                 values[rows] = part
             return values
-        with self.autocast(), using(model or self.model) as network:
+        with self.autocast(), using(model or self.model) as network, unsharded(network):
             log_probs = sequence_log_probs(
                 network,
                 samples.prompt_ids,

@@ -107,10 +107,11 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             diverged = trainer.bad_steps >= train_cfg.max_bad_steps
             step = trainer.step_count
             history.append(metrics)
-            if (step % train_cfg.eval_every == 0 or step == train_cfg.steps) and world.is_main:
-                metrics.update(_exact(trainer))
-                metrics[m.SELF_BLEU] = est.self_bleu(trainer.last_samples.texts)
-                logger.log_samples(_sample_rows(trainer, train_cfg.logged_samples), step=step)
+            if step % train_cfg.eval_every == 0 or step == train_cfg.steps:
+                metrics.update(_exact(trainer))  # every rank: a sharded policy's pass gathers
+                if world.is_main:
+                    metrics[m.SELF_BLEU] = est.self_bleu(trainer.last_samples.texts)
+                    logger.log_samples(_sample_rows(trainer, train_cfg.logged_samples), step=step)
             if step % train_cfg.log_every == 0 or step == train_cfg.steps or diverged:
                 logger.log(metrics, step=step)
             if step % train_cfg.checkpoint_every == 0 and not diverged:
@@ -129,8 +130,9 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         summary.update(started_at=started_at, finished_at=time.time(), diverged=diverged)
         logger.summary(summary)
         finished = not diverged and kept and stopped_by is None
-        if finished and world.is_main:  # the policy, for transformers
+        if finished:  # the policy, for transformers (rank 0 writes it)
             trainer.save_policy(run.policy)
+        if finished and world.is_main:
             if cfg.logger.log_model:  # what `dmtune eval` of this checkpoint declares as input
                 metadata = {k: summary[k] for k in ("objective", "steps", "samples_seen")}
                 logged = logger.log_model(run.policy, metadata)

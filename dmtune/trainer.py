@@ -19,12 +19,12 @@ import torch
 from transformers import PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
+from dmtune import distributed, lora
 from dmtune import estimators as est
-from dmtune import lora
 from dmtune import metrics as m
 from dmtune.calibration import calibrate
 from dmtune.config import TrainConfig
-from dmtune.distributed import World, check_world_size, moved, rank_seed
+from dmtune.distributed import World, check_world, moved, rank_seed
 from dmtune.exact import ExactOracle, exact_spaces
 from dmtune.lm import LM, Networks
 from dmtune.objectives import Batch, get_objective, names_of, split_objective_params
@@ -53,7 +53,8 @@ class Trainer:
 
     With a ``world`` of several ranks (:mod:`dmtune.distributed`), each rank samples
     ``batch_size / world.size`` and the step is the whole batch's: ranks gather each other's
-    per-sample numbers and compute the same loss and metrics; gradients are summed by DDP.
+    per-sample numbers and compute the same loss and metrics; gradients are summed by DDP (or,
+    with ``world.sharded``, reduce-scattered by FSDP onto the ranks' shards).
     """
 
     def __init__(
@@ -98,6 +99,8 @@ class Trainer:
         self.lora = config.lora if config.lora is not None and config.lora.r > 0 else None
         frozen_proposal = self.spec.proposal == "frozen"
         self.networks = Networks.build(prior, self.lora, proposal=frozen_proposal)
+        if self.world.sharded:  # before the optimizer: it holds the shards
+            self.networks.shard(self.world)
         self.prior = self.networks.prior
         self.policy = self.networks.policy
         self.proposal = self.networks.proposal
@@ -246,6 +249,7 @@ class Trainer:
             lora.set_dropout(self.policy, False)
         clip = self.config.grad_clip if self.config.grad_clip > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), clip)
+        grad_norm = distributed.full_tensor(grad_norm)  # FSDP: the norm of every rank's shards
         lr = self.scheduler.get_last_lr()[0]
         # A diverged policy (NaN logits, an overflowing loss) must not reach the weights, the
         # optimizer's moments or log Ẑ: such a step is skipped and counted. One host sync.
@@ -360,7 +364,7 @@ class Trainer:
         return {
             "policy": self.networks.state("policy"),
             "proposal": self.networks.state("proposal") if self.proposal is not None else None,
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": distributed.optimizer_state(self.policy, self.optimizer),
             "scheduler": self.scheduler.state_dict(),
             "log_z": self.log_z.state_dict(),
             "lambdas": self.target.lambdas.clone(),
@@ -368,6 +372,7 @@ class Trainer:
             **self._rng_states(),
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
             "world_size": self.world.size,
+            "sharded": self.world.sharded,
             "rank_rngs": rank_rngs if self.world.size > 1 else [],
             "step": self.step_count,
             "samples_seen": self.samples_seen,
@@ -385,7 +390,19 @@ class Trainer:
 
     def save_policy(self, directory: Path) -> None:
         """The policy as a Hugging Face model dir (with LoRA: the adapter, and on request the
-        merged model under ``merged/``), with the tokenizer."""
+        merged model under ``merged/``), with the tokenizer; rank 0 writes it (call it on every
+        rank: a sharded policy's weights are gathered first)."""
+        if self.world.sharded:
+            state = distributed.model_state(self.policy)  # whole tensors, on rank 0
+            if self.world.is_main:
+                self.policy.save_pretrained(directory, state_dict=state)
+                # FSDP subclasses the model (FSDPGPT2LMHeadModel): record the class it loads as
+                self.policy.config.architectures = [distributed.unsharded_class(self.policy)]
+                self.policy.config.save_pretrained(directory)
+                self.tokenizer.save_pretrained(directory)
+            return
+        if not self.world.is_main:
+            return
         self.policy.save_pretrained(directory)
         self.tokenizer.save_pretrained(directory)
         if self.lora is not None and self.lora.save_merged:
@@ -394,11 +411,11 @@ class Trainer:
             self.tokenizer.save_pretrained(directory / "merged")
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        check_world_size(state.get("world_size", 1), self.world)
+        check_world(state, self.world)
         self.networks.load("policy", state["policy"])
         if self.proposal is not None:
             self.networks.load("proposal", state["proposal"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        distributed.load_optimizer_state(self.policy, self.optimizer, state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.log_z.load_state_dict(state["log_z"])
         self.target.lambdas, self.target.fitted = state["lambdas"], state["target_fitted"]
@@ -420,4 +437,9 @@ class Trainer:
     def weights_are_finite(self) -> bool:
         """Whether every weight of the policy (and proposal) is finite."""
         models = [self.policy] + ([self.proposal] if self.proposal is not None else [])
-        return all(bool(torch.isfinite(p).all()) for model in models for p in model.parameters())
+        finite = all(
+            bool(torch.isfinite(distributed.local_tensor(p)).all())
+            for model in models
+            for p in model.parameters()
+        )
+        return self.world.all(finite) if self.world.sharded else finite

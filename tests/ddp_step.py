@@ -2,8 +2,9 @@
 
 For every objective setting of tests/test_micro_batches.py, on the float64 toy, each rank
 builds two trainers from the same seed: one alone (a world of 1) that takes a step on the whole
-batch, and one rank of the 2-process world that takes the same step on its half. Rank 0 writes
-what differs between the two (parameters, loss, every metric) to the JSON file named by argv[1].
+batch, and one rank of the 2-process world (argv[3]: ddp, or fsdp with sharded weights) that
+takes the same step on its half. Rank 0 writes what differs between the two (parameters,
+gradients, loss, every metric) to the JSON file named by argv[1].
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from test_micro_batches import OBJECTIVES, _target
 
 from dmtune import distributed
 from dmtune import metrics as m
+from dmtune.distributed import full_tensor
 from dmtune.prompts import Contexts
 from dmtune.trainer import Trainer, TrainerConfig
 
@@ -35,9 +37,10 @@ def trainer(objective, kwargs, kind, world, prompts) -> Trainer:
         prompts=prompts, samples_per_prompt=PER_PROMPT,
     )
     built = Trainer(model.double(), tokenizer, _target(kind), config, world)
-    built.policy.double()
-    if built.proposal is not None:
-        built.proposal.double()
+    if world.sharded:  # a single process's π (below), split over the ranks as a checkpoint is
+        single = trainer(objective, kwargs, kind, distributed.World(), prompts)
+        built.networks.load("policy", single.networks.state("policy"))
+        return built
     generator = torch.Generator().manual_seed(1)  # π away from a (as test_micro_batches)
     with torch.no_grad():
         for param in built.policy.parameters():
@@ -68,7 +71,7 @@ def compare(objective, kwargs, kind, world, prompts) -> dict:
     expected = alone.update(samples)
     got = ranked.update(half(samples, world.rank))
     param_diff = max(
-        (a - b).abs().max().item()
+        (a - full_tensor(b)).abs().max().item()
         for a, b in zip(alone.policy.parameters(), ranked.policy.parameters())
     )
     moved = max(
@@ -77,9 +80,18 @@ def compare(objective, kwargs, kind, world, prompts) -> dict:
             objective, kwargs, kind, distributed.World(), prompts).policy.parameters())
     )
     grad_diff = max(
-        (a.grad - b.grad).abs().max().item()
+        (a.grad - full_tensor(b.grad)).abs().max().item()
         for a, b in zip(alone.policy.parameters(), ranked.policy.parameters())
     )
+    # the share of the policy's weights and AdamW moments this rank holds (FSDP: half)
+    held = [
+        sum(distributed.local_tensor(t).numel() for t in tensors)
+        / sum(t.numel() for t in tensors)
+        for tensors in (
+            list(ranked.policy.parameters()),
+            [s["exp_avg"] for s in ranked.optimizer.state.values()],
+        )
+    ]
     metric_diff = {}
     for key, value in expected.items():
         if key in TIMING:
@@ -93,14 +105,15 @@ def compare(objective, kwargs, kind, world, prompts) -> dict:
         "grad_diff": grad_diff,
         "moved": moved,
         "metric_diff": metric_diff,
+        "held": held,
         "samples_seen": [expected[m.SAMPLES_SEEN], got[m.SAMPLES_SEEN]],
         "swap": [expected.get(m.PROPOSAL_UPDATED), got.get(m.PROPOSAL_UPDATED)],
     }
 
 
-def main(out: str, prompts_file: str) -> None:
+def main(out: str, prompts_file: str, strategy: str) -> None:
     cfg = OmegaConf.create(
-        {"device": {"name": "cpu", "strategy": "ddp", "timeout_s": 60, "num_processes": 2}}
+        {"device": {"name": "cpu", "strategy": strategy, "timeout_s": 60, "num_processes": 2}}
     )
     world = distributed.init(cfg)
     torch.set_num_threads(1)
@@ -124,4 +137,4 @@ def main(out: str, prompts_file: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    main(sys.argv[1], sys.argv[2], sys.argv[3])

@@ -41,16 +41,18 @@ def _without_perf(rows: list[dict]) -> list[dict]:
     return [{k: v for k, v in row.items() if not k.startswith("perf/")} for row in rows]
 
 
-def test_two_ranks_take_the_one_process_step_on_the_whole_batch(tmp_path):
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_ranks_take_the_one_process_step_on_the_whole_batch(tmp_path, strategy):
     """Every objective setting, one prompt and several (CDPG), pointwise and distributional:
     2 ranks × 12 samples give 1 process × 24's gradients, update, log Ẑ, baselines and
-    metrics, and the same KL-adaptive swap decision (float64 toy)."""
+    metrics, and the same KL-adaptive swap decision (float64 toy); with FSDP, each rank holding
+    half of the weights, gradients and optimizer state."""
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a\nb c\nd d\n")
     out = tmp_path / "diff.json"
     launched = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         str(HERE / "ddp_step.py"), str(out), str(prompts)],
+         str(HERE / "ddp_step.py"), str(out), str(prompts), strategy],
         capture_output=True, text=True, timeout=TIMEOUT_S, env=_env(),
     )
     assert launched.returncode == 0, launched.stderr[-3000:]
@@ -64,6 +66,10 @@ def test_two_ranks_take_the_one_process_step_on_the_whole_batch(tmp_path):
         assert worst[1] < 1e-9, (case, worst)
         assert result["samples_seen"] == [24, 24], case
         assert result["swap"][0] == result["swap"][1], case
+        if strategy == "fsdp":  # each rank holds about half (uneven rows: up to one row more)
+            assert all(0.4 < share < 0.6 for share in result["held"]), (case, result["held"])
+        else:
+            assert result["held"] == [1.0, 1.0], case
     assert any(r["swap"] == [1.0, 1.0] for r in results.values())  # a swap was decided alike
 
 
@@ -96,9 +102,28 @@ def test_a_two_process_run_writes_one_run_dir_counting_both_ranks(ddp_run):
 
     state = torch.load(ddp_run / "checkpoints" / "last.pt", weights_only=True)
     assert state["world_size"] == 2 and len(state["rank_rngs"]) == 2
-    # each rank drew its own samples: their sampling streams differ
+    # each rank drew its own samples: their sampling streams differ...
     first, second = (rngs["generator"] for rngs in state["rank_rngs"])
     assert not torch.equal(first, second)
+    # ...and so do the samples (the logged rows of a step: 8 of rank 0's, then 8 of rank 1's)
+    tables = {}
+    for row in read_jsonl(ddp_run / "samples.jsonl"):
+        tables.setdefault(row["step"], []).append(row["text"])
+    assert tables and all(texts[:8] != texts[8:16] for texts in tables.values())
+
+
+def test_each_rank_draws_its_own_stream_and_rank_0_the_single_process_one():
+    """A CPU generator reads only the low 32 bits of its seed: rank seeds must differ there."""
+    import torch
+
+    from dmtune.distributed import rank_seed
+
+    def draws(seed: int) -> tuple[float, ...]:
+        return tuple(torch.rand(4, generator=torch.Generator().manual_seed(seed)).tolist())
+
+    streams = {draws(rank_seed(seed, rank)) for seed in range(3) for rank in range(4)}
+    assert len(streams) == 12
+    assert all(rank_seed(seed, 0) == seed for seed in range(3))
 
 
 def test_a_killed_rank_stops_the_run_in_one_line_and_resume_equals_the_uninterrupted_run(
@@ -188,3 +213,63 @@ def test_sigterm_to_the_launcher_stops_every_rank_after_the_same_step_with_a_che
     assert stderr.strip().splitlines() == [
         f"stopped at step {last}; checkpoint saved; resume with: dmtune train resume={run_dir}"
     ]
+
+
+# the tiny prior, 2 samples per rank: each rank's longest sample, hence its number of decode
+# steps, differs (rank 0 / rank 1: 16 / 18 tokens at step 1, 32 / 11 at step 2)
+TINY_2 = ["device.num_processes=2", "device.threads=1", "train.batch_size=4",
+          "train.fit_samples=8", "train.micro_batch_size=1",
+          "train.eval_every=2", "train.checkpoint_every=2", "logger=none"]
+
+
+@pytest.fixture(scope="module")
+def fsdp_runs(tmp_path_factory) -> dict[str, Path]:
+    """4 steps of the same run with DDP and with FSDP; FSDP again stopped after 2 and resumed."""
+    root = tmp_path_factory.mktemp("fsdp")
+    runs = {name: root / name for name in ("ddp", "fsdp", "resumed")}
+    for name, args in (
+        ("ddp", ["device=ddp", "train.steps=4"]),
+        ("fsdp", ["device=fsdp", "train.steps=4"]),
+        ("resumed", ["device=fsdp", "train.steps=2"]),
+    ):
+        done = _dmtune(*TINY_2, *args, f"hydra.run.dir={runs[name]}")
+        assert done.returncode == 0, (name, done.stderr[-3000:])
+    resumed = _dmtune(f"resume={runs['resumed']}", "train.steps=4")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    return runs
+
+
+def test_an_fsdp_run_takes_the_ddp_runs_steps(fsdp_runs):
+    """The same samples on each rank (its own RNG stream), the same whole-batch step: sharding
+    changes where the weights live, not the run (float32: summation order aside). Ranks whose
+    samples end at different lengths sample from the gathered network, not block by block."""
+    ddp = read_jsonl(fsdp_runs["ddp"] / "metrics.jsonl")
+    fsdp = read_jsonl(fsdp_runs["fsdp"] / "metrics.jsonl")
+    assert [row["step"] for row in fsdp] == [row["step"] for row in ddp] == list(range(5))
+    for expected, got in zip(_without_perf(ddp), _without_perf(fsdp)):
+        assert expected.keys() == got.keys()
+        for key, value in expected.items():
+            if isinstance(value, float):
+                # float32: a KL is a mean of differences of ~60-nat log-probs (resolution 4e-6)
+                assert got[key] == pytest.approx(value, rel=1e-4, abs=2e-5), (expected["step"], key)
+            else:
+                assert got[key] == value, key
+
+
+def test_an_fsdp_run_resumes_exactly_and_saves_whole_tensors(fsdp_runs):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    got = _without_perf(read_jsonl(fsdp_runs["resumed"] / "metrics.jsonl"))
+    assert got == _without_perf(read_jsonl(fsdp_runs["fsdp"] / "metrics.jsonl"))
+    state = torch.load(fsdp_runs["fsdp"] / "checkpoints" / "last.pt", weights_only=True)
+    assert state["sharded"] and state["world_size"] == 2
+    # whole tensors, as a single process's checkpoint holds: the AdamW moments of a weight
+    # have its shape, and policy/ (a plain transformers model) holds the checkpoint's weights
+    policy = AutoModelForCausalLM.from_pretrained(fsdp_runs["fsdp"] / "policy")
+    assert type(policy).__name__ == "GPT2LMHeadModel"
+    weights = policy.state_dict()
+    for name, tensor in state["policy"].items():
+        assert torch.equal(weights[name], tensor), name
+    moments = state["optimizer"]["state"]["transformer.h.0.attn.c_attn.weight"]["exp_avg"]
+    assert moments.shape == weights["transformer.h.0.attn.c_attn.weight"].shape
