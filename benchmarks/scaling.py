@@ -1,4 +1,4 @@
-"""Throughput of a run on 1 and N processes (data parallel), with and without LoRA.
+"""Throughput of a run on 1 and N processes (data parallel: DDP or FSDP), with and without LoRA.
 
 Runs ``dmtune train`` for each setting (W&B off) and reads its metrics.jsonl: the median step
 time after ``--warmup`` steps, samples/s and tokens/s of the whole batch, and the model FLOPs
@@ -7,11 +7,13 @@ utilisation when ``--peak-tflops`` (the hardware's peak per device) is given:
 (sampling, with its KV cache, and the update) and backward once (≈ 2 + 2 + 4 FLOPs per
 parameter and token; scoring by the prior adds 2 more and is left out, as is attention).
 Peak memory: the largest resident set of any one process of the run (CPU), or rank 0's
-``torch.cuda`` peak (GPU, the run's ``perf/gpu_peak_gib``).
+``torch.cuda`` peak (GPU, the run's ``perf/gpu_peak_gib``); training state: what rank 0 holds of
+the policy's trainable weights, gradients and AdamW moments (``perf/state_mib``; FSDP: 1/N).
 
     python benchmarks/scaling.py                                  # tiny prior, CPU, 1 and 2
     python benchmarks/scaling.py --model gpt2 --batch-size 512 --max-new-tokens 40 \\
         --device cuda --processes 1,8 --lora 0,16 --peak-tflops 989  # size=paper on 8 H100s
+    python benchmarks/scaling.py --model smollm2 --strategies ddp,fsdp --lora 0  # sharded
     python benchmarks/scaling.py --smoke                          # the toy, seconds (tests)
 """
 
@@ -38,14 +40,16 @@ _PEAK_OF_CHILDREN = (
 )
 
 
-def run(args: argparse.Namespace, processes: int, lora: int, run_dir: Path) -> dict[str, Any]:
+def run(
+    args: argparse.Namespace, processes: int, lora: int, run_dir: Path, strategy: str = "ddp"
+) -> dict[str, Any]:
     overrides = [
         f"model={args.model}", f"train.steps={args.steps}", f"train.batch_size={args.batch_size}",
         f"train.max_new_tokens={args.max_new_tokens}",
         f"train.fit_samples={args.fit_samples or args.batch_size}",
         "logger=none", f"device.name={args.device}", f"model.lora.r={lora}",
         f"train.checkpoint_every={args.steps}", f"hydra.run.dir={run_dir}",
-        *(["device=ddp", f"device.num_processes={processes}"] if processes > 1 else []),
+        *([f"device={strategy}", f"device.num_processes={processes}"] if processes > 1 else []),
         *(["device.dtype=bfloat16"] if args.device == "cuda" else []),
         *args.overrides,
     ]
@@ -64,12 +68,14 @@ def run(args: argparse.Namespace, processes: int, lora: int, run_dir: Path) -> d
     tokens_s = statistics.median(row["perf/tokens_per_s"] for row in steps)
     result = {
         "processes": processes,
+        "strategy": strategy if processes > 1 else "-",
         "lora_r": lora,
         "step_s": step_s,
         "samples_per_s": args.batch_size / step_s,
         "tokens_per_s": tokens_s,
         "wall_s": time.perf_counter() - started,
         "peak_rss_mib": peak_kib / 1024,
+        "state_mib": steps[-1]["perf/state_mib"],
     }
     gpu = [row["perf/gpu_peak_gib"] for row in steps if "perf/gpu_peak_gib" in row]
     if gpu:
@@ -93,8 +99,11 @@ def _parameters(run_dir: Path) -> int:
 
 
 def table(result: dict[str, Any]) -> str:
-    head = "| processes | LoRA r | step s | samples/s | tokens/s | ×1 process | peak memory | MFU |"
-    lines = [head, "|---|---|---|---|---|---|---|---|"]
+    head = (
+        "| processes | strategy | LoRA r | step s | samples/s | tokens/s | ×1 process "
+        "| peak memory | training state / process | MFU |"
+    )
+    lines = [head, "|---|---|---|---|---|---|---|---|---|---|"]
     base = {row["lora_r"]: row["samples_per_s"] for row in result["rows"] if row["processes"] == 1}
     for row in result["rows"]:
         ratio = row["samples_per_s"] / base[row["lora_r"]] if row["lora_r"] in base else None
@@ -105,9 +114,9 @@ def table(result: dict[str, Any]) -> str:
         shown_ratio = "-" if ratio is None else format(ratio, ".2f")
         mfu = format(row["mfu"], ".1%") if "mfu" in row else "-"
         lines.append(
-            f"| {row['processes']} | {row['lora_r'] or '-'} | {row['step_s']:.3f} | "
-            f"{row['samples_per_s']:.1f} | {row['tokens_per_s']:.0f} | {shown_ratio} | "
-            f"{memory} | {mfu} |"
+            f"| {row['processes']} | {row.get('strategy', '-')} | {row['lora_r'] or '-'} | "
+            f"{row['step_s']:.3f} | {row['samples_per_s']:.1f} | {row['tokens_per_s']:.0f} | "
+            f"{shown_ratio} | {memory} | {row['state_mib']:.1f} MiB | {mfu} |"
         )
     return "\n".join(lines)
 
@@ -118,6 +127,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--processes", default="1,2", help="comma-separated process counts")
     parser.add_argument("--lora", default="0", help="comma-separated LoRA ranks (0: none)")
+    parser.add_argument("--strategies", default="ddp",
+                        help="comma-separated strategies of the N-process rows: ddp, fsdp")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--steps", type=int, default=8)
@@ -143,7 +154,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         for lora in [int(r) for r in args.lora.split(",")]:
             for n in [int(p) for p in args.processes.split(",")]:
-                rows.append(run(args, n, lora, Path(tmp) / f"n{n}-r{lora}"))
+                for strategy in args.strategies.split(",") if n > 1 else ["ddp"]:
+                    if strategy == "fsdp" and lora:
+                        continue  # refused: LoRA's state is small, DDP's rows cover it
+                    name = f"n{n}-r{lora}-{strategy}"
+                    rows.append(run(args, n, lora, Path(tmp) / name, strategy))
     result = {
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
                     "python": platform.python_version()},

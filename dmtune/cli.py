@@ -182,6 +182,7 @@ def train(overrides: Optional[List[str]] = OVERRIDES) -> None:
       dmtune train objective=reinforce train.steps=50 logger=none
       dmtune train experiment=toy           # exact KL(p‖π) in metrics.jsonl
       dmtune train device=ddp device.num_processes=4   # data parallel, 4 processes
+      dmtune train device=fsdp device.name=cuda device.num_processes=8   # sharded, 8 GPUs
       dmtune train 'constraint=[sentiment,word]'   # quoted: [] is a shell glob
       dmtune train resume=outputs/2026-11-22/10-00-00_default_dpg_baseline
     """

@@ -309,7 +309,12 @@ def _check_processes(cfg: DictConfig) -> None:
         raise ValueError(f"device.num_processes={n} must be at least 1")
     if device.strategy not in STRATEGIES:
         raise ValueError(f"device.strategy={device.strategy!r}; valid: {', '.join(STRATEGIES)}")
-    if device.strategy == "fsdp" and cfg.model.lora.r > 0:
+    if device.strategy == "fsdp" and n > 1 and train.compile_sampler:
+        raise ValueError(
+            "train.compile_sampler=true with device.strategy=fsdp is not supported (the compiled "
+            "step would trace FSDP's hooks); drop one of them"
+        )
+    if device.strategy == "fsdp" and n > 1 and cfg.model.lora.r > 0:
         raise ValueError(
             f"device.strategy=fsdp with model.lora.r={cfg.model.lora.r} is not supported: "
             "LoRA's trainable state is the adapters, small enough for device.strategy=ddp"

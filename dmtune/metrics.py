@@ -46,6 +46,7 @@ UPDATE_S = "perf/update_s"
 SAMPLES_PER_S = "perf/samples_per_s"
 TOKENS_PER_S = "perf/tokens_per_s"
 GPU_PEAK_GIB = "perf/gpu_peak_gib"
+STATE_MIB = "perf/state_mib"
 GPU_ONLY = (GPU_PEAK_GIB,)  # logged on a GPU only
 EXACT_LOG_Z = "exact/log_z"
 EXACT_KL_TARGET_POLICY = "exact/kl_target_policy"
@@ -144,6 +145,11 @@ GLOSSARY: tuple[tuple[tuple[str, ...], str], ...] = (
     ((STEP_S, SAMPLE_S, SCORE_S, UPDATE_S), "wall time of the step and its parts"),
     ((SAMPLES_PER_S, TOKENS_PER_S), "throughput (the whole batch's, over every process)"),
     ((GPU_PEAK_GIB,), "peak GPU memory of rank 0 so far (`torch.cuda.max_memory_allocated`; GPUs)"),
+    (
+        (STATE_MIB,),
+        "MiB of the policy's trainable weights (LoRA: the adapters), their gradients and "
+        "optimizer state, held by rank 0 (its shards with `device=fsdp`)",
+    ),
     (
         (
             EXACT_LOG_Z,

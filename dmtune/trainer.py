@@ -303,9 +303,25 @@ class Trainer:
                 m.TOKENS_PER_S: n_tokens / (finished - started),
             }
         )
+        values[m.STATE_MIB] = self._state_bytes() / 2**20
         if self.device.type == "cuda":
             values[m.GPU_PEAK_GIB] = torch.cuda.max_memory_allocated(self.device) / 2**30
         return values
+
+    def _state_bytes(self) -> int:
+        """Bytes of the policy's weights, gradients and optimizer state on this rank (the
+        trainable part: with LoRA, the adapters; with FSDP, this rank's shards)."""
+        tensors = [p for p in self.policy.parameters() if p.requires_grad]
+        tensors += [p.grad for p in tensors if p.grad is not None]
+        tensors += [
+            value
+            for state in self.optimizer.state.values()
+            for value in state.values()
+            if isinstance(value, torch.Tensor)
+        ]
+        return sum(
+            distributed.local_tensor(t).numel() * t.element_size() for t in tensors
+        )
 
     def _gather(
         self,

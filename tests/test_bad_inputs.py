@@ -50,6 +50,7 @@ BAD_TRAIN_INPUTS = [
     (["device.num_processes=0"], "device.num_processes=0"),
     (["device=ddp", "device.strategy=zero3"], "device.strategy='zero3'"),
     (["device=fsdp", "model.lora.r=8"], "device.strategy=fsdp with model.lora.r=8"),
+    (["device=fsdp", "train.compile_sampler=true"], "train.compile_sampler=true with device"),
     (["device=ddp", "device.num_processes=3"], "train.batch_size=256 is not a multiple"),
     (["device=ddp", "device.timeout_s=0"], "device.timeout_s=0"),
     (["device=ddp", "device.name=cuda:1"], "each rank takes its own GPU"),

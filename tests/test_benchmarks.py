@@ -55,11 +55,15 @@ def test_step_memory_smoke_measures_each_micro_batch_in_its_own_process(tmp_path
 def test_scaling_smoke_runs_two_processes(tmp_path, capsys):
     out = tmp_path / "scaling.json"
     result = _load("scaling").main(["--smoke", "--out", str(out), "--processes", "2",
-                                    "--override", "device.threads=1"])
-    rows = {row["processes"]: row for row in result["rows"]}
-    assert set(rows) == {2}
+                                    "--strategies", "ddp,fsdp", "--override", "device.threads=1"])
+    rows = {row["strategy"]: row for row in result["rows"]}
+    assert set(rows) == {"ddp", "fsdp"}
     for row in rows.values():
+        assert row["processes"] == 2
         assert row["samples_per_s"] > 0 and row["tokens_per_s"] > 0 and row["peak_rss_mib"] > 0
         assert math.isclose(row["samples_per_s"], 16 / row["step_s"])
+    # an FSDP rank holds about half of the training state a DDP rank holds
+    assert 0.4 < rows["fsdp"]["state_mib"] / rows["ddp"]["state_mib"] < 0.6
     assert json.loads(out.read_text())["rows"] == result["rows"]
-    assert "| 2 | - |" in capsys.readouterr().out
+    shown = capsys.readouterr().out
+    assert "| 2 | ddp | - |" in shown and "| 2 | fsdp | - |" in shown
