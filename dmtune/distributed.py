@@ -9,10 +9,10 @@ samples, weighted by the whole batch's ``∂loss/∂log π``; DDP sums the gradi
 the run dir, the loggers and the checkpoints; each rank's sampling RNG is its own and saved.
 
 With ``device.strategy=fsdp`` the weights, gradients and optimizer state are sharded over the
-ranks instead (torch's ``fully_shard``, one group per transformer block): the update gathers
+ranks instead (:mod:`dmtune.sharding`, one group per transformer block): the update gathers
 one block at a time, and sampling and scoring gather one whole network for their no-grad
-forward passes (:func:`unsharded`). Checkpoints and ``policy/`` hold whole tensors, as a
-single process writes them.
+forward passes. Checkpoints and ``policy/`` hold whole tensors, as a single process writes
+them.
 
 Processes come from torch's elastic launcher (what ``torchrun`` and ``accelerate launch`` run):
 ``dmtune train device=ddp`` starts ``device.num_processes`` workers itself, and a run started
@@ -33,15 +33,15 @@ import sys
 import time
 import traceback
 import uuid
-import weakref
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from dmtune import sharding
 
 # ddp: each rank holds the whole weights; fsdp: each holds 1/N of weights, gradients, optimizer
 STRATEGIES = ("ddp", "fsdp")
@@ -103,144 +103,21 @@ class World:
     def prepare(self, model: torch.nn.Module) -> torch.nn.Module:
         """The module the update's forward/backward runs (DDP around ``model``; a sharded model
         is its own)."""
-        if self.size == 1 or is_sharded(model):
+        if self.size == 1 or sharding.is_sharded(model):
             return model
         return self.accelerator.prepare_model(model)
 
     def shard(self, model: torch.nn.Module) -> torch.nn.Module:
-        """``model`` (in place) with its weights split over the ranks (FSDP2's ``fully_shard``):
-        one group per transformer block (the architecture's ``_no_split_modules``), one for the
-        rest (embeddings, final norm, head: tied weights stay together). Weights move to this
-        rank's device; an optimizer must be built after."""
-        try:
-            from torch.distributed.device_mesh import init_device_mesh
-            from torch.distributed.fsdp import fully_shard
-        except ImportError as error:  # fully_shard is public from torch 2.6 on
-            raise ValueError(
-                f"device.strategy=fsdp needs torch>=2.6 (torch {torch.__version__} is "
-                "installed); use device.strategy=ddp"
-            ) from error
+        """``model`` split over this world's ranks (:func:`dmtune.sharding.shard`)."""
         if self._mesh is None:
-            device = self.device.type if self.device is not None else "cpu"
-            self._mesh = init_device_mesh(device, (self.size,))
-        blocks = set(getattr(model, "_no_split_modules", None) or ())
-        for module in list(model.modules())[1:]:
-            if type(module).__name__ in blocks:
-                fully_shard(module, mesh=self._mesh)
-        fully_shard(model, mesh=self._mesh)
-        return model
+            from torch.distributed.device_mesh import init_device_mesh
+
+            self._mesh = init_device_mesh(self.device.type, (self.size,))
+        return sharding.shard(model, self._mesh)
 
     def all(self, value: bool) -> bool:
         """Whether ``value`` holds on every rank."""
         return all(self.gather(bool(value)))
-
-
-# --- sharded (FSDP) networks: gathered forward passes, whole-tensor state ---------------------
-
-
-def is_sharded(model: Any) -> bool:
-    """Whether ``model`` is an FSDP-sharded module (its parameters are DTensors)."""
-    try:
-        from torch.distributed.fsdp import FSDPModule
-    except ImportError:  # torch < 2.6: nothing can be
-        return False
-    return isinstance(model, FSDPModule)
-
-
-_gathered: weakref.WeakSet = weakref.WeakSet()  # sharded networks whose weights are whole now
-
-
-@contextmanager
-def unsharded(model: Any) -> Iterator[None]:
-    """A sharded ``model``'s whole weights, gathered once for the no-grad forward passes inside
-    (sampling, scoring): each forward would otherwise gather every block again, and ranks whose
-    decode loops end after different numbers of tokens would issue different numbers of
-    collectives and wait for each other forever. Its memory is one whole network, freed on
-    exit. A no-op for an unsharded model, with grad enabled, or inside another ``unsharded``."""
-    if not is_sharded(model) or torch.is_grad_enabled() or model in _gathered:
-        yield
-        return
-    groups = [module for module in model.modules() if is_sharded(module)]
-    for module in groups:  # a collective each, in the same order on every rank
-        module.unshard()
-    model.set_reshard_after_forward(False)
-    _gathered.add(model)
-    try:
-        yield
-    finally:
-        _gathered.discard(model)
-        model.set_reshard_after_forward(True)
-        model.set_reshard_after_forward(False, recurse=False)  # FSDP's default for the root
-        for module in groups:
-            module.reshard()
-
-
-def unsharded_class(model: torch.nn.Module) -> str:
-    """The name of the class FSDP subclassed to make a sharded ``model`` (FSDP<name>)."""
-    from torch.distributed.fsdp import FSDPModule
-
-    return next(c for c in type(model).__mro__ if not issubclass(c, FSDPModule)).__name__
-
-
-def full_tensor(value: torch.Tensor) -> torch.Tensor:
-    """The whole tensor of a sharded value (a collective); any other tensor as it is."""
-    return value.full_tensor() if hasattr(value, "full_tensor") else value
-
-
-def local_tensor(value: torch.Tensor) -> torch.Tensor:
-    """This rank's shard of a sharded value; any other tensor as it is."""
-    return value.to_local() if hasattr(value, "to_local") else value
-
-
-def _whole() -> Any:
-    from torch.distributed.checkpoint.state_dict import StateDictOptions
-
-    return StateDictOptions(full_state_dict=True, cpu_offload=True)
-
-
-def model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """``model.state_dict()``; of a sharded model, whole tensors on rank 0's CPU and nothing on
-    the others (a collective: call it on every rank)."""
-    if not is_sharded(model):
-        return model.state_dict()
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict
-
-    return get_model_state_dict(model, options=_whole())
-
-
-def load_model_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """``model.load_state_dict(state)``; a sharded model takes its shards of the whole tensors."""
-    if not is_sharded(model):
-        model.load_state_dict(state)
-        return
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-
-    set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True))
-
-
-def optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    """``optimizer.state_dict()``; of a sharded model's optimizer, whole tensors keyed by
-    parameter name, on rank 0 (a collective)."""
-    if not is_sharded(model):
-        return optimizer.state_dict()
-    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
-
-    return get_optimizer_state_dict(model, optimizer, options=_whole())
-
-
-def load_optimizer_state(
-    model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]
-) -> None:
-    if not is_sharded(model):
-        optimizer.load_state_dict(state)
-        return
-    from torch.distributed.checkpoint.state_dict import (
-        StateDictOptions,
-        set_optimizer_state_dict,
-    )
-
-    options = StateDictOptions(full_state_dict=True)
-    set_optimizer_state_dict(model, optimizer, state, options=options)
 
 
 def moved(value: Any, device: torch.device | str) -> Any:

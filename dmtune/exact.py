@@ -19,12 +19,12 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerFast
 
 from dmtune import metrics as m
-from dmtune.distributed import unsharded
 from dmtune.lm import encode_prompts, filler_token_id, sequence_log_probs
 from dmtune.lora import using
 from dmtune.objectives import Batch
 from dmtune.prompts import Contexts
 from dmtune.sampling import Samples, decode_texts
+from dmtune.sharding import unsharded
 from dmtune.target import Target
 
 MAX_ENUMERATED_SEQUENCES = 500_000

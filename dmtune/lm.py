@@ -25,8 +25,8 @@ import torch.nn.functional as F
 from transformers import PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
-from dmtune import distributed, lora
-from dmtune.distributed import unsharded
+from dmtune import lora, sharding
+from dmtune.distributed import World
 from dmtune.lora import using
 from dmtune.prompts import Contexts, PromptSet
 from dmtune.sampling import (
@@ -39,6 +39,7 @@ from dmtune.sampling import (
     position_ids_from_mask,
     sample,
 )
+from dmtune.sharding import unsharded
 
 HALF_DTYPES = (torch.bfloat16, torch.float16)
 
@@ -85,7 +86,7 @@ class Networks:
         view = lora.AdapterView(policy, lora.PROPOSAL) if proposal else None
         return cls(lora.AdapterView(policy, None), policy, view, lora=True)
 
-    def shard(self, world: distributed.World) -> None:
+    def shard(self, world: World) -> None:
         """FSDP: each network's weights split over ``world``'s ranks (in place)."""
         if self.lora:
             raise ValueError(
@@ -100,12 +101,12 @@ class Networks:
         """What a checkpoint holds of ``which`` ("policy" or "proposal"): whole tensors, also
         of a sharded network (on rank 0; a collective)."""
         if not self.lora:
-            return distributed.model_state(getattr(self, which))
+            return sharding.model_state(getattr(self, which))
         return lora.adapter_state(self.policy, self._adapter(which))
 
     def load(self, which: str, state: dict[str, torch.Tensor]) -> None:
         if not self.lora:
-            distributed.load_model_state(getattr(self, which), state)
+            sharding.load_model_state(getattr(self, which), state)
         else:
             lora.load_adapter_state(self.policy, state, self._adapter(which))
 

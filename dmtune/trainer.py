@@ -19,8 +19,8 @@ import torch
 from transformers import PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
-from dmtune import distributed, lora
 from dmtune import estimators as est
+from dmtune import lora, sharding
 from dmtune import metrics as m
 from dmtune.calibration import calibrate
 from dmtune.config import TrainConfig
@@ -249,7 +249,7 @@ class Trainer:
             lora.set_dropout(self.policy, False)
         clip = self.config.grad_clip if self.config.grad_clip > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), clip)
-        grad_norm = distributed.full_tensor(grad_norm)  # FSDP: the norm of every rank's shards
+        grad_norm = sharding.full_tensor(grad_norm)  # FSDP: the norm of every rank's shards
         lr = self.scheduler.get_last_lr()[0]
         # A diverged policy (NaN logits, an overflowing loss) must not reach the weights, the
         # optimizer's moments or log Ẑ: such a step is skipped and counted. One host sync.
@@ -320,7 +320,7 @@ class Trainer:
             if isinstance(value, torch.Tensor)
         ]
         return sum(
-            distributed.local_tensor(t).numel() * t.element_size() for t in tensors
+            sharding.local_tensor(t).numel() * t.element_size() for t in tensors
         )
 
     def _gather(
@@ -380,7 +380,7 @@ class Trainer:
         return {
             "policy": self.networks.state("policy"),
             "proposal": self.networks.state("proposal") if self.proposal is not None else None,
-            "optimizer": distributed.optimizer_state(self.policy, self.optimizer),
+            "optimizer": sharding.optimizer_state(self.policy, self.optimizer),
             "scheduler": self.scheduler.state_dict(),
             "log_z": self.log_z.state_dict(),
             "lambdas": self.target.lambdas.clone(),
@@ -409,11 +409,11 @@ class Trainer:
         merged model under ``merged/``), with the tokenizer; rank 0 writes it (call it on every
         rank: a sharded policy's weights are gathered first)."""
         if self.world.sharded:
-            state = distributed.model_state(self.policy)  # whole tensors, on rank 0
+            state = sharding.model_state(self.policy)  # whole tensors, on rank 0
             if self.world.is_main:
                 self.policy.save_pretrained(directory, state_dict=state)
                 # FSDP subclasses the model (FSDPGPT2LMHeadModel): record the class it loads as
-                self.policy.config.architectures = [distributed.unsharded_class(self.policy)]
+                self.policy.config.architectures = [sharding.unsharded_class(self.policy)]
                 self.policy.config.save_pretrained(directory)
                 self.tokenizer.save_pretrained(directory)
             return
@@ -431,7 +431,7 @@ class Trainer:
         self.networks.load("policy", state["policy"])
         if self.proposal is not None:
             self.networks.load("proposal", state["proposal"])
-        distributed.load_optimizer_state(self.policy, self.optimizer, state["optimizer"])
+        sharding.load_optimizer_state(self.policy, self.optimizer, state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.log_z.load_state_dict(state["log_z"])
         self.target.lambdas, self.target.fitted = state["lambdas"], state["target_fitted"]
@@ -454,7 +454,7 @@ class Trainer:
         """Whether every weight of the policy (and proposal) is finite."""
         models = [self.policy] + ([self.proposal] if self.proposal is not None else [])
         finite = all(
-            bool(torch.isfinite(distributed.local_tensor(p)).all())
+            bool(torch.isfinite(sharding.local_tensor(p)).all())
             for model in models
             for p in model.parameters()
         )

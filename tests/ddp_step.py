@@ -19,8 +19,8 @@ from test_micro_batches import OBJECTIVES, _target
 
 from dmtune import distributed
 from dmtune import metrics as m
-from dmtune.distributed import full_tensor
 from dmtune.prompts import Contexts
+from dmtune.sharding import full_tensor, local_tensor
 from dmtune.trainer import Trainer, TrainerConfig
 
 BATCH, PER_PROMPT = 24, 4
@@ -84,7 +84,7 @@ def compare(objective, kwargs, kind, world, prompts) -> dict:
     )
     # the share of the policy's weights and AdamW moments this rank holds (FSDP: half)
     held = [
-        sum(distributed.local_tensor(t).numel() for t in tensors)
+        sum(local_tensor(t).numel() for t in tensors)
         / sum(t.numel() for t in tensors)
         for tensors in (
             list(ranked.policy.parameters()),
